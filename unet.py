@@ -82,7 +82,7 @@ def load_state(model: nn.Module, path: str, rename: Rename, device=None, dtype=N
                 t = tensor if fn is None else fn(tensor)
                 want = ours[name].shape
                 if t.shape != want:
-                    if t.numel() == want.numel() and t.shape[len(want):] == (1,) * (t.dim() - len(want)):
+                    if t.dim() == len(want) + 2 and t.shape[len(want):] == (1, 1):
                         t = t.reshape(want)  # LDM 1x1 conv -> Linear
                     else:
                         misshaped.append(f"{key} {tuple(t.shape)} (expected {tuple(want)})")
