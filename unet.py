@@ -32,7 +32,7 @@ def read_config(folder: str) -> dict:
 
 
 def find_weights(folder: str, stem: str) -> str:
-    """The safetensors file of a diffusers folder: `stem.safetensors`, else `stem.fp16.safetensors`."""
+    """The weights of a diffusers folder: `stem.safetensors`, else `stem.fp16.safetensors`."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
@@ -82,7 +82,7 @@ def load_state(model: nn.Module, path: str, rename: Rename, device=None, dtype=N
                 t = tensor if fn is None else fn(tensor)
                 want = ours[name].shape
                 if t.shape != want:
-                    if t.dim() == len(want) + 2 and t.shape[len(want):] == (1, 1):
+                    if t.shape == (*want, 1, 1):
                         t = t.reshape(want)  # LDM 1x1 conv -> Linear
                     else:
                         misshaped.append(f"{key} {tuple(t.shape)} (expected {tuple(want)})")
