@@ -12,9 +12,25 @@ x = x0 + sigma * noise, as the official code does (diffusers' Euler-ancestral sc
 latents scaled by sqrt(1 + sigma^2)), so the paper's step sizes zeta carry over unchanged.
 """
 
+import argparse
+import inspect
+import json
 import math
+import os
+import sys
+import time
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+import clip
+import operators
+import unet
+import vae
 
 # ---------------------------------------------------------------------------------------------
 # (1) Noise schedules: pure functions returning descending sigmas that end in 0
@@ -320,5 +336,334 @@ def psld(denoiser, x, y, A, sigmas, *, adjoint, zeta=4.8, gamma=0.002, decode=la
     return x
 
 
+
+# ---------------------------------------------------------------------------------------------
+# (4) Loading SD 2.0: a diffusers pipeline folder or one single-file LDM checkpoint
+# ---------------------------------------------------------------------------------------------
+
+HUB_REPO = "stabilityai/stable-diffusion-2-base"
+FETCH = (f"hf download {HUB_REPO} --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' "
+         "'scheduler/*' --exclude '*.bin' '*.fp16.*' --local-dir {path}")
+
+
+class SD2(NamedTuple):
+    """The parts of Stable Diffusion 2.0 the samplers need."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: "clip.Tokenizer | None"  # None: a single file without a tokenizer/ folder beside
+    abar: torch.Tensor  # the DDPM table alpha_bar_t, t = 0..999
+    prediction: str  # "eps" (512-base) or "v" (768-v)
+
+
+def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> SD2:
+    """SD 2.0 from a diffusers pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
+    or a single-file LDM checkpoint (512-base-ema.safetensors layout).
+
+    512-base (eps) and 768-v (v) have identical keys: a folder's scheduler config decides; for a
+    single file the `prediction` flag does (default "eps", the model of the paper).
+    """
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction must be 'eps' (512-base) or 'v' (768-v), got {prediction!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"no SD 2.0 weights at {path}; fetch them with: {FETCH.format(path=path)}")
+    if os.path.isfile(path):
+        tokenizer_dir = os.path.join(os.path.dirname(path), "tokenizer")
+        return SD2(unet.unet_from_single_file(path, device=device, dtype=dtype),
+                   vae.vae_from_single_file(path, device=device, dtype=dtype),
+                   clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
+                   clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
+                   else None, sd_abar(), prediction or "eps")
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} folder(s); not an SD 2.0 pipeline "
+                         f"folder; fetch it with: {FETCH.format(path=path)}")
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    try:
+        with open(config_path) as f:
+            scheduler = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: unreadable ({e}); re-download scheduler/") from None
+    if scheduler.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"{config_path}: beta_schedule {scheduler['beta_schedule']!r} is not "
+                         "SD 2.0's scaled_linear; this is not an SD 2.0 model")
+    folder_prediction = {"epsilon": "eps", "v_prediction": "v"}.get(
+        scheduler.get("prediction_type", "epsilon"))
+    if folder_prediction is None or prediction not in (None, folder_prediction):
+        raise ValueError(f"{config_path} says prediction_type "
+                         f"{scheduler.get('prediction_type')!r}; drop --prediction {prediction}")
+    abar = sd_abar(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
+                   scheduler.get("num_train_timesteps", 1000))
+    return SD2(unet.load_unet(os.path.join(path, "unet"), device, dtype),
+               vae.load_vae(os.path.join(path, "vae"), device, dtype),
+               clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
+               clip.Tokenizer.from_folder(os.path.join(path, "tokenizer")), abar,
+               folder_prediction)
+
+
+def encode_prompt(sd: SD2, prompt: str) -> torch.Tensor:
+    """The (1, 77, 1024) text context. The paper conditions on the empty prompt (no CFG), whose
+    ids need no vocabulary: [bos, eos, pad x 75] (sd2_formats.md §1.5)."""
+    if sd.tokenizer is not None:
+        ids = sd.tokenizer([prompt])
+    elif prompt == "":
+        ids = torch.tensor([[49406, 49407] + [0] * 75])
+    else:
+        raise ValueError("a non-empty prompt needs SD 2.0's tokenizer/ folder (vocab.json, "
+                         "merges.txt) next to the single-file checkpoint")
+    device = next(sd.text_encoder.parameters()).device
+    with torch.no_grad():
+        return sd.text_encoder(ids.to(device))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The restoration command
+# ---------------------------------------------------------------------------------------------
+
+# zeta per method for (SR x8, every other operator): official Record.md and ddps README
+# (official_code.md §5), logged for SR x8 and Gaussian blur. The other operators have no logged
+# value; they use the Gaussian-blur column (our choice).
+ZETA = {"dps": (4.8, 0.6), "dsg": (0.08, 0.08), "dmap": (4.8, 0.6), "freedom": (4.8, 0.6),
+        "resample": (4.8, 0.6), "psld": (4.8, 0.6)}
+# The paper's two DMAP budgets (Table 4): "full" = K 3 at 500 steps, "same" = the NFE of DPS at
+# 500 steps: K 2 at 250 steps with zeta doubled.
+DMAP_SETTINGS = {"full": dict(steps=500, K=3, zeta_scale=1.0),
+                 "same": dict(steps=250, K=2, zeta_scale=2.0)}
+# Method knobs the command exposes: flag name -> sampler keyword.
+KNOBS = {"K": "K", "gamma": "gamma", "repeats": "repeats", "window": "window", "at": "at",
+         "iters": "iters", "lr": "lr"}
+
+
+def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
+    """Any image PIL reads (grayscale, RGBA, 16-bit, any size) -> (1, 3, size, size) in [-1, 1]:
+    centre-cropped to a square (unless crop is False) and resized with Lanczos if needed."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{path}: the image is empty")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale
+        a = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.uint8(np.clip(a / (65535 if a.max() > 255 else 255), 0, 1)
+                                         * 255 + 0.5))
+    image = image.convert("RGB")
+    if crop and image.width != image.height:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    return x / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images on [0, 1] (official fid.py:22-24, per image)."""
+    mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
+    return float("inf") if mse == 0 else float(-10 * np.log10(mse))
+
+
+def write_atomic(path: str, save) -> None:
+    """save(tmp) then rename onto path, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="the reference image (or, with --observed, the measurement y)")
+    p.add_argument("--method", default="dmap", choices=list(SAMPLERS), help="posterior sampler")
+    p.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
+                   help="degradation operator A")
+    p.add_argument("--model", default=os.environ.get("SD2_MODEL",
+                                                     "./weights/stable-diffusion-2-base"),
+                   help="SD 2.0 pipeline folder or single .safetensors file (env SD2_MODEL)")
+    p.add_argument("--prediction", choices=["eps", "v"],
+                   help="eps (512-base) or v (768-v); needed for a single-file 768-v checkpoint")
+    p.add_argument("--out", default="./results", help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--observed", action="store_true",
+                   help="the image is the measurement y (a real low-res or blurry photo)")
+    p.add_argument("--size", type=int, default=512, help="restored image size in pixels")
+    p.add_argument("--no-crop", action="store_true", help="resize without centre-cropping")
+    p.add_argument("--steps", type=int, help="sampling steps (default 500; DMAP: --dmap-setting)")
+    p.add_argument("--zeta", type=float, help="step size / guidance rate (default: per operator)")
+    p.add_argument("--dmap-setting", choices=list(DMAP_SETTINGS), default="full",
+                   help="DMAP budget: full = K 3 at 500 steps; same = K 2 at 250, zeta x2")
+    p.add_argument("--eta", type=float, default=1.0, help="ancestral noise (1 DDPM, 0 DDIM)")
+    p.add_argument("--K", type=int, help="DMAP inner gradient steps")
+    p.add_argument("--gamma", type=float, help="PSLD gluing weight / ReSample variance scale")
+    p.add_argument("--repeats", type=int, help="FreeDOM time-travel repeats")
+    p.add_argument("--window", type=float, nargs=2, help="FreeDOM window, loop fractions")
+    p.add_argument("--at", type=float, nargs="+", help="ReSample steps, loop fractions")
+    p.add_argument("--iters", type=int, help="ReSample latent-optimisation iterations")
+    p.add_argument("--lr", type=float, help="ReSample latent-optimisation learning rate")
+    p.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise std on [-1, 1]")
+    p.add_argument("--sr-factor", type=int, default=8, help="SR downscaling factor")
+    p.add_argument("--kernel-weights", default="weights/GOPRO_wVAE.safetensors",
+                   help="bkse KernelWizard weights for nonlinear_blur")
+    p.add_argument("--prompt", default="", help="text prompt (the paper uses none)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="model and latent dtype (official: float32)")
+    return p.parse_args(argv)
+
+
+def settings(args) -> dict:
+    """The sampler's keyword arguments from the flags and the defaults; ValueError on nonsense."""
+    fn = SAMPLERS[args.method]
+    params = inspect.signature(fn).parameters
+    kwargs = {"eta": args.eta}
+    steps = args.steps or (DMAP_SETTINGS[args.dmap_setting]["steps"] if fn is dmap else 500)
+    if "zeta" in params:
+        zeta = ZETA[args.method][0 if args.op == "sr" else 1]
+        if fn is dmap:
+            zeta *= DMAP_SETTINGS[args.dmap_setting]["zeta_scale"]
+            kwargs["K"] = DMAP_SETTINGS[args.dmap_setting]["K"]
+        kwargs["zeta"] = zeta if args.zeta is None else args.zeta
+    for flag, name in KNOBS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if name not in params:
+                raise ValueError(f"--{flag} does not apply to --method {args.method}")
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    checks = [(steps >= 1, f"--steps must be >= 1, got {steps}"),
+              (kwargs.get("zeta", 0) >= 0, f"--zeta must be >= 0, got {kwargs.get('zeta')}"),
+              (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
+              (kwargs.get("K", 1) >= 1, f"--K must be >= 1, got {kwargs.get('K')}"),
+              (args.sigma_y >= 0, f"--sigma-y must be >= 0, got {args.sigma_y}"),
+              (args.size >= 8 and args.size % 8 == 0, f"--size must be a multiple of 8, got "
+               f"{args.size}"),
+              (all(v >= 0 for k, v in kwargs.items() if k in ("gamma", "iters", "lr", "repeats")),
+               "--gamma, --iters, --lr and --repeats must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return dict(kwargs, steps=steps)
+
+
+def restore(args) -> dict:
+    """Load everything, synthesise (or read) y, sample, write the outputs; returns the record."""
+    kwargs = settings(args)
+    steps = kwargs.pop("steps")
+    stem = f"{os.path.splitext(os.path.basename(args.image))[0]}_{args.method}_{args.op}"
+    paths = {k: os.path.join(args.out, f"{stem}{suffix}") for k, suffix in
+             (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
+              ("record", ".json"))}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not args.force:
+        raise ValueError(f"{existing[0]} exists; pass --force to overwrite or choose --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {args.out}: {e.strerror}") from None
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"output folder {args.out} is not writable; choose another --out")
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    op_kwargs = {"size": args.size, "factor": args.sr_factor, "seed": args.seed,
+                 "weights": args.kernel_weights}
+    cls = operators.OPERATORS[args.op]
+    op = cls(**{k: v for k, v in op_kwargs.items() if k in inspect.signature(cls).parameters})
+    op = op.to(device, dtype)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if args.observed:
+        y_size = args.size // args.sr_factor if args.op == "sr" else args.size
+        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device, dtype)
+    else:
+        x_ref = read_image(args.image, args.size, not args.no_crop).to(device, dtype)
+        y = op.measure(x_ref, args.sigma_y, generator)
+
+    sd = load_sd2(args.model, args.prediction, device, dtype)
+    denoiser = SDDenoiser(sd.unet, encode_prompt(sd, args.prompt), sd.abar, sd.prediction)
+
+    def decode(z):  # latent -> image
+        return sd.vae.decode(z / vae.SCALING_FACTOR)
+
+    def encode(image):  # image -> latent: the posterior mean (official PSLD samples from it)
+        return sd.vae.encode(image)[0] * vae.SCALING_FACTOR
+
+    if args.method == "psld":  # PSLD works with the pixel operator and its adjoint
+        if not hasattr(op, "adjoint"):
+            raise ValueError(f"psld needs a linear operator with an adjoint; {args.op} has none")
+        A, kwargs = op, dict(kwargs, adjoint=op.adjoint, decode=decode, encode=encode)
+    else:
+        def A(z):
+            return op(decode(z))
+
+    sigmas = sd_sigmas(steps, sd.abar)
+    latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
+    x = sigmas[0].item() * noise_like(torch.empty(latent, device=device, dtype=dtype), generator)
+    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step")
+
+    def callback(d):
+        if not torch.isfinite(d["x"]).all():
+            raise FloatingPointError(f"NaN or inf at step {d['i']} (sigma {d['sigma']:.3g}); "
+                                     "try a smaller --zeta")
+        bar.set_postfix(loss=f"{d['loss'].max().item():.4g}")
+        bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        z0 = SAMPLERS[args.method](denoiser, x, y, A, sigmas, generator=generator,
+                                   callback=callback, **kwargs)
+    except FloatingPointError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        bar.close()
+    with torch.no_grad():
+        restored = to_uint8(decode(z0))
+    seconds = time.perf_counter() - start
+    y_image = to_uint8(op.hint(y) if y.shape[-1] != args.size else y)
+    columns = [y_image, restored] + ([to_uint8(x_ref)] if x_ref is not None else [])
+    record = dict(vars(args), sampler_kwargs={k: v for k, v in kwargs.items()
+                                              if isinstance(v, (int, float, tuple))},
+                  steps=steps, seconds=round(seconds, 1),
+                  psnr=None if x_ref is None else round(psnr(restored, to_uint8(x_ref)), 3))
+    write_atomic(paths["restored"], Image.fromarray(restored).save)
+    write_atomic(paths["measurement"], Image.fromarray(to_uint8(y)).save)
+    write_atomic(paths["panel"], Image.fromarray(np.concatenate(columns, axis=1)).save)
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    write_atomic(paths["record"], dump)
+    return record
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        record = restore(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: PSNR {record['psnr']} dB, {record['seconds']} s")
+    return 0
+
+
 SAMPLERS = {"ddpm": ddpm, "dps": dps, "dsg": dsg, "dmap": dmap, "freedom": freedom,
             "resample": resample, "psld": psld}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
