@@ -220,8 +220,9 @@ def motion_kernel(kernel_size: int, intensity: float, rng: np.random.Generator) 
     # render: a white line on black (motionblur.py draws on RGB and converts to L at the end;
     # for grey pixels that is the same as drawing on L), blur, LANCZOS downscale, normalise
     image = Image.new("L", (n, n))
+    # (motionblur.py's width int(diagonal / 150) is 0, an invisible line, below 53 px kernels)
     ImageDraw.Draw(image).line([(z.real, z.imag) for z in path], fill=255,
-                               width=int(diagonal / 150))
+                               width=max(1, int(diagonal / 150)))
     image = image.filter(ImageFilter.GaussianBlur(radius=int(diagonal * 0.01)))
     image = image.resize((kernel_size, kernel_size), resample=Image.LANCZOS)
     k = np.asarray(image, dtype=np.float32)
