@@ -157,7 +157,8 @@ class Convolution(Operator):
 
     def adjoint(self, y):
         # The padding is part of A, so A* = pad* o conv*: the transposed convolution gives the
-        # padded-size image, whose borders are folded back explicitly (exact, no autograd).
+        # padded-size image, whose borders are folded back. Written out rather than a vjp of
+        # forward: exact, one transposed convolution, and it works under torch.no_grad.
         p, k = self.kernel.shape[-1] // 2, self.kernel.expand(y.shape[1], -1, -1, -1)
         return reflect_pad_adjoint(F.conv_transpose2d(y, k, groups=y.shape[1]), p)
 
@@ -425,7 +426,8 @@ class Mask(Operator):
 
 class Inpaint(Mask):
     """A box x box centre square removed (mask 0 inside); 128x128 at 512. Not in the official
-    code (notes §6.5); DPS's box mask is the model."""
+    code (notes §6.5); DPS's box mask (128x128 at 256) sits at a random position, ours is fixed
+    at the centre (DESIGN.md contract 3)."""
 
     def __init__(self, size: int = 512, box: int = 128):
         super().__init__(size)
