@@ -66,7 +66,7 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str) -> "Tokenizer":
-        """SD2's `tokenizer/` folder: vocab.json and merges.txt (first line "#version: 0.2")."""
+        """SD2's `tokenizer/` folder: vocab.json and merges.txt (after a "#version: 0.2" line)."""
         paths = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
         for path in paths:
             if not os.path.isfile(path):
@@ -76,7 +76,8 @@ class Tokenizer:
             vocab = json.load(f)
         with open(paths[1], encoding="utf-8") as f:
             lines = f.read().split("\n")
-        return cls(vocab, [tuple(line.split()) for line in lines[1:] if line])
+        lines = lines[1:] if lines[0].startswith("#version") else lines  # "#" is a token too
+        return cls(vocab, [tuple(line.split()) for line in lines if line])
 
     @classmethod
     def from_bpe_gz(cls, path: str) -> "Tokenizer":
@@ -127,6 +128,7 @@ class Tokenizer:
         return ids
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
+        assert not isinstance(prompts, str), "pass a list of prompts"
         rows = []
         for prompt in prompts:
             ids = [self.vocab[BOS], *self.encode(prompt)[:self.context - 2], self.vocab[EOS]]

@@ -73,6 +73,9 @@ def test_diffusers_folder_matches_transformers(tmp_path, act):
         prefixed = load_text_encoder(str(tmp_path / "prefixed"))
         assert torch.equal(prefixed(ids), ours(ids))
 
+    half = load_text_encoder(str(tmp_path / "plain"), dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
 
 def openclip_state(cfg: TextConfig, generator: torch.Generator) -> dict:
     """An LDM single file in SD2's layout: OpenCLIP text tower with one block more than SD2 uses."""
