@@ -574,7 +574,8 @@ def restore(args) -> dict:
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create output folder {args.out}: {e.strerror}") from None
+        raise ValueError(f"cannot create output folder {args.out} ({e.strerror}); "
+                         "choose another --out") from None
     if not os.access(args.out, os.W_OK):
         raise ValueError(f"output folder {args.out} is not writable; choose another --out")
 

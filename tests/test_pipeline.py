@@ -1,0 +1,201 @@
+"""The SD 2.0 pipeline: load_sd2 on a tiny model in the official folder layout, one DPS step
+against diffusers' own scheduler, UNet and VAE, and the restoration command end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+from PIL import Image
+
+import clip
+import dmap
+import operators
+import vae
+
+SD2_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", num_train_timesteps=1000,
+                     prediction_type="epsilon", steps_offset=1, clip_sample=False,
+                     set_alpha_to_one=False, skip_prk_steps=True)
+WIDTH = 32  # text width = cross-attention width of the tiny model
+
+
+def randomize(model, seed):
+    """Random weights everywhere (diffusers zero-initialises some layers), scaled to stay sane."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+    return model.eval()
+
+
+def tiny_pipeline(root):
+    """A tiny SD 2.0-structured pipeline saved by diffusers/transformers in the Hub layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+        cross_attention_dim=WIDTH, norm_num_groups=8, use_linear_projection=True)
+    autoencoder = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+        layers_per_block=1)  # 4 levels: latents are 8x smaller, as in SD
+    # the tokenizer: bytes and bytes+</w> plus the two special tokens, no merges (514 ids)
+    symbols = list(clip.bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu"))
+    for name, model, seed in (("unet", unet, 0), ("vae", autoencoder, 1),
+                              ("text_encoder", text, 2)):
+        randomize(model, seed).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    os.makedirs(os.path.join(root, "tokenizer"))
+    with open(os.path.join(root, "tokenizer", "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(root, "tokenizer", "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    os.makedirs(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD2_SCHEDULER, f)
+    return unet, autoencoder, text
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sd2"))
+    return root, tiny_pipeline(root)
+
+
+def test_load_sd2_folder(pipeline):
+    root, (_, _, text) = pipeline
+    sd = dmap.load_sd2(root)
+    assert sd.prediction == "eps" and len(sd.abar) == 1000
+    ids = sd.tokenizer([""])
+    assert ids[0, :3].tolist() == [512, 513, 0]  # bos, eos, pad 0
+    with torch.no_grad():
+        assert_close(dmap.encode_prompt(sd, ""), text(ids).last_hidden_state, 1e-5,
+                     what="context")
+    with pytest.raises(ValueError, match="prediction_type"):
+        dmap.load_sd2(root, prediction="v")
+
+
+def test_dps_step_equals_diffusers(pipeline):
+    """One DPS step written with diffusers' scheduler, UNet and VAE in the official order
+    (pipe.py:4100-4140) gives the same next latent as our dps on the same weights and noise."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    root, (d_unet, d_vae, text) = pipeline
+    sd = dmap.load_sd2(root)
+    op = operators.Blur(size=32, kernel_size=9, std=1.0)
+    x_ref = torch.rand(1, 3, 32, 32) * 2 - 1
+    y, zeta, steps = op(x_ref), 0.7, 50
+    scheduler = EulerAncestralDiscreteScheduler.from_config(SD2_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * scheduler.sigmas[0]
+    with torch.no_grad():
+        context = text(sd.tokenizer([""])).last_hidden_state
+    for i in (0, 17):  # the first step and one in the middle
+        scheduler._step_index = i
+        t = scheduler.timesteps[i]
+        zg = z.clone().requires_grad_(True)
+        eps = d_unet(scheduler.scale_model_input(zg, t), t, encoder_hidden_states=context).sample
+        out = scheduler.step(eps, t, zg, generator=torch.Generator().manual_seed(i))
+        image = d_vae.decode(out.pred_original_sample / 0.18215).sample
+        (grad,) = torch.autograd.grad(torch.linalg.norm(op(image) - y), zg)
+        reference = out.prev_sample.detach() - zeta * grad
+
+        denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
+        sigmas = dmap.sd_sigmas(steps, sd.abar)[i:i + 2]
+        ours = dmap.dps(denoiser, z, y, lambda z0: op(sd.vae.decode(z0 / vae.SCALING_FACTOR)),
+                        sigmas, zeta=zeta, generator=torch.Generator().manual_seed(i))
+        assert_close(ours, reference, 1e-4, what=f"DPS step {i}")
+        z = reference
+
+
+def test_cli_end_to_end(pipeline, tmp_path):
+    from skimage.data import astronaut
+
+    root, _ = pipeline
+    image = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()[:400, 50:500]).save(image)  # not square: centre-cropped
+    out = tmp_path / "out"
+    args = [str(image), "--model", root, "--out", str(out), "--size", "64", "--steps", "4",
+            "--device", "cpu"]
+    assert dmap.main(args + ["--method", "dmap", "--op", "sr"]) == 0
+    record = json.loads((out / "astronaut_dmap_sr.json").read_text())
+    assert record["sampler_kwargs"]["K"] == 3 and record["sampler_kwargs"]["zeta"] == 4.8
+    assert np.isfinite(record["psnr"]) and record["steps"] == 4
+    restored = np.asarray(Image.open(out / "astronaut_dmap_sr.png"))
+    assert restored.shape == (64, 64, 3)
+    assert np.asarray(Image.open(out / "astronaut_dmap_sr_y.png")).shape == (8, 8, 3)
+    assert np.asarray(Image.open(out / "astronaut_dmap_sr_panel.png")).shape == (64, 192, 3)
+    # nothing is overwritten without --force; with it, the same seed gives the same image
+    before = (out / "astronaut_dmap_sr.png").stat().st_mtime_ns
+    assert dmap.main(args + ["--method", "dmap", "--op", "sr"]) == 2
+    assert (out / "astronaut_dmap_sr.png").stat().st_mtime_ns == before
+    assert dmap.main(args + ["--method", "dmap", "--op", "sr", "--force"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "astronaut_dmap_sr.png")), restored)
+    # PSLD takes the pixel operator and its adjoint; --observed reads the image as y
+    assert dmap.main(args + ["--method", "psld", "--op", "inpaint_random"]) == 0
+    assert dmap.main([str(out / "astronaut_dmap_sr_y.png"), "--observed", "--model", root,
+                      "--out", str(out), "--size", "64", "--steps", "2", "--method", "dps",
+                      "--op", "sr"]) == 0
+    assert json.loads((out / "astronaut_dmap_sr_y_dps_sr.json").read_text())["psnr"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/nonexistent"], "stabilityai/stable-diffusion-2-base"),
+    (["--zeta", "-1"], "--zeta must be >= 0"),
+    (["--steps", "-3"], "--steps must be >= 1"),
+    (["--K", "0"], "--K must be >= 1"),
+    (["--method", "dps", "--K", "2"], "--K does not apply"),
+    (["--sigma-y", "-0.1"], "--sigma-y must be >= 0"),
+    (["--op", "nonlinear_blur", "--size", "128"], "GOPRO_wVAE.safetensors: no such file"),
+    (["--zeta", "1e30", "--method", "dps"], "try a smaller --zeta"),
+    (["--out", "/proc/forbidden"], "--out"),
+])
+def test_cli_bad_input(pipeline, tmp_path, capsys, extra, message):
+    from skimage.data import astronaut
+
+    root, _ = pipeline
+    image = tmp_path / "a.png"
+    Image.fromarray(astronaut()).save(image)
+    args = [str(image), "--model", root, "--out", str(tmp_path / "o"), "--size", "64",
+            "--steps", "3", "--device", "cpu"]
+    assert dmap.main(args + extra) == 2
+    last = capsys.readouterr().err.strip().split("\n")[-1]  # after any progress bar
+    assert last.startswith("error: ") and message in last, last
+
+
+def test_cli_bad_images(pipeline, tmp_path, capsys):
+    root, _ = pipeline
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("empty.png", "text.png", "missing.png"):
+        assert dmap.main([str(tmp_path / name), "--model", root, "--out", str(tmp_path)]) == 2
+        assert "cannot read image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: unknown method, exit code 2
+        dmap.parse_args(["a.png", "--method", "nope"])
+
+
+def test_read_image_modes(tmp_path):
+    """Grayscale, RGBA and 16-bit images all come back as (1, 3, size, size) in [-1, 1]."""
+    gray = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8)
+    for name, image in (("g.png", Image.fromarray(gray)),
+                        ("rgba.png", Image.fromarray(np.dstack([gray] * 4))),
+                        ("16.png", Image.fromarray(gray.astype(np.uint16) * 257))):
+        image.save(tmp_path / name)
+        x = dmap.read_image(str(tmp_path / name), 32)
+        assert x.shape == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+        assert_close(x[0, 0], x[0, 2], 1e-6, what=name)  # gray stays gray
+    a, b = (dmap.read_image(str(tmp_path / n), 32) for n in ("g.png", "16.png"))
+    assert_close(a, b, 1e-2, rel=False, what="16-bit = 8-bit")
