@@ -553,14 +553,14 @@ def ldm_unet_key(key: str, layers_per_block: int = 2) -> str | None:
         return None
     rest = key[len(prefix):]
     for pattern, template in _LDM_UNET:
-        m = re.fullmatch(pattern + r"\.(.+)\.(weight|bias)", rest)
+        m = re.fullmatch(pattern + r"(\..+)?\.(weight|bias)", rest)  # (prefix)(.leaf).kind
         if m is None:
             continue
         *index, leaf, kind = m.groups()
         i = int(index[0]) if index else 0
-        b, j = divmod(i - 1, layers_per_block + 1) if "input" in pattern else \
-            divmod(i, layers_per_block + 1)
-        return f"{template.format(b=b, j=j)}.{_LDM_RESNET.get(leaf, leaf)}.{kind}"
+        b, j = divmod(i - 1 if "input" in pattern else i, layers_per_block + 1)
+        leaf = "." + _LDM_RESNET.get(leaf[1:], leaf[1:]) if leaf else ""
+        return f"{template.format(b=b, j=j)}{leaf}.{kind}"
     return key
 
 
