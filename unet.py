@@ -126,22 +126,26 @@ class UNetConfig:
     norm_eps: float = 1e-5  # resnet and output GroupNorm eps (transformer GN 1e-6, LN 1e-5: fixed)
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
-        """Read a diffusers UNet2DConditionModel config.json; reject what this UNet cannot build."""
+    def from_diffusers(cls, cfg: dict, path: str = "unet config.json") -> "UNetConfig":
+        """Read a diffusers UNet2DConditionModel config.json (`path`, named in errors); reject
+        what this UNet cannot build."""
         def fail(what):
-            raise ValueError(f"unet config.json: {what}; only Stable Diffusion 2.x UNets "
+            raise ValueError(f"{path}: {what}; only Stable Diffusion 2.x UNets "
                              "(UNet2DConditionModel, linear projections) are supported")
 
-        if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        # A ControlNetModel config describes the same encoder half (cse.py reads its extra keys).
+        if cfg.get("_class_name") not in (None, "UNet2DConditionModel", "ControlNetModel"):
             fail(f"_class_name {cfg['_class_name']!r} is not UNet2DConditionModel")
         # Missing keys take diffusers' defaults (unet_2d_condition.py, UNet2DConditionModel).
         down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
-        up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
         n = len(down)
         if any(b not in ("CrossAttnDownBlock2D", "DownBlock2D") for b in down):
             fail(f"down_block_types {down}")
-        if up != [b.replace("Down", "Up") for b in reversed(down)]:
+        up = cfg.get("up_block_types")  # absent from ControlNet configs
+        if up is not None and list(up) != [b.replace("Down", "Up") for b in reversed(down)]:
             fail(f"up_block_types {up} do not mirror down_block_types {down}")
+        if not isinstance(cfg.get("layers_per_block", 2), int):
+            fail("layers_per_block is a list")
         if not cfg.get("use_linear_projection", False):  # SD 1.x: 1x1-conv proj_in/proj_out
             fail("use_linear_projection is not true")
         for key, want in _DIFFUSERS_FIXED.items():
@@ -513,7 +517,7 @@ def load_unet(folder: str, device=None, dtype=None) -> UNet:
 
     Built on the meta device and filled tensor by tensor; dtype None keeps the file's dtype.
     """
-    cfg = UNetConfig.from_diffusers(read_config(folder))
+    cfg = UNetConfig.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
     path = find_weights(folder, "diffusion_pytorch_model")
     with torch.device("meta"):
         model = UNet(cfg)

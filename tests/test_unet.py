@@ -93,6 +93,7 @@ def test_config_from_diffusers():
     ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}, "down_block_types"),
     ({"attention_head_dim": [3, 10, 20, 20]}, "attention_head_dim"),
     ({"_class_name": "UNet2DModel"}, "UNet2DModel"),
+    ({"layers_per_block": [2, 2, 2, 2]}, "layers_per_block"),
 ])
 def test_config_rejects(change, key):
     with pytest.raises(ValueError, match=key):
@@ -276,7 +277,7 @@ def test_bad_folders(reference, tmp_path):
     config = json.load(open(os.path.join(folder, "config.json")))
     with open(os.path.join(bad, "config.json"), "w") as f:
         json.dump({**config, "use_linear_projection": False}, f)
-    with pytest.raises(ValueError, match="use_linear_projection"):
+    with pytest.raises(ValueError, match=f"{re.escape(bad)}.*config.json.*use_linear_projection"):
         load_unet(bad)
 
 
