@@ -438,8 +438,8 @@ KNOBS = {"K": "K", "gamma": "gamma", "repeats": "repeats", "window": "window", "
 
 
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
-    """Any image PIL reads (grayscale, RGBA, 16-bit, any size) -> (1, 3, size, size) in [-1, 1]:
-    centre-cropped to a square (unless crop is False) and resized with Lanczos if needed."""
+    """Any image PIL reads (grayscale, RGBA, 16-bit, at least size x size) -> (1, 3, size, size)
+    in [-1, 1]: centre-cropped to a square (unless crop is False), downsized with Lanczos."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -452,6 +452,9 @@ def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
         image = Image.fromarray(np.uint8(np.clip(a / (65535 if a.max() > 255 else 255), 0, 1)
                                          * 255 + 0.5))
     image = image.convert("RGB")
+    if min(image.size) < size:
+        raise ValueError(f"{path} is {image.width}x{image.height}, smaller than the {size}x{size} "
+                         "the operator needs; pass a smaller --size or a larger image")
     if crop and image.width != image.height:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -568,18 +571,12 @@ def restore(args) -> dict:
     paths = {k: os.path.join(args.out, f"{stem}{suffix}") for k, suffix in
              (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
               ("record", ".json"))}
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing and not args.force:
-        raise ValueError(f"{existing[0]} exists; pass --force to overwrite or choose --out")
     try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output folder {args.out} ({e.strerror}); "
-                         "choose another --out") from None
-    if not os.access(args.out, os.W_OK):
-        raise ValueError(f"output folder {args.out} is not writable; choose another --out")
-
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
+        raise ValueError(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); "
+                         "try --device cpu") from None
     op_kwargs = {"size": args.size, "factor": args.sr_factor, "seed": args.seed,
                  "weights": args.kernel_weights}
     cls = operators.OPERATORS[args.op]
@@ -592,6 +589,18 @@ def restore(args) -> dict:
     else:
         x_ref = read_image(args.image, args.size, not args.no_crop).to(device, dtype)
         y = op.measure(x_ref, args.sigma_y, generator)
+    if args.method == "psld" and not hasattr(op, "adjoint"):
+        raise ValueError(f"psld needs a linear operator with an adjoint; {args.op} has none")
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not args.force:
+        raise ValueError(f"{existing[0]} exists; pass --force to overwrite or choose --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {args.out} ({e.strerror}); "
+                         "choose another --out") from None
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"output folder {args.out} is not writable; choose another --out")
 
     sd = load_sd2(args.model, args.prediction, device, dtype)
     denoiser = SDDenoiser(sd.unet, encode_prompt(sd, args.prompt), sd.abar, sd.prediction)
@@ -603,8 +612,6 @@ def restore(args) -> dict:
         return sd.vae.encode(image)[0] * vae.SCALING_FACTOR
 
     if args.method == "psld":  # PSLD works with the pixel operator and its adjoint
-        if not hasattr(op, "adjoint"):
-            raise ValueError(f"psld needs a linear operator with an adjoint; {args.op} has none")
         A, kwargs = op, dict(kwargs, adjoint=op.adjoint, decode=decode, encode=encode)
     else:
         def A(z):

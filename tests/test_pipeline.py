@@ -121,6 +121,30 @@ def test_dps_step_equals_diffusers(pipeline):
         z = reference
 
 
+@pytest.mark.parametrize("method", sorted(dmap.SAMPLERS))
+def test_every_sampler_on_tiny_sd(pipeline, method):
+    """Each sampler runs on load_sd2-built parts: finite, the latent's shape, seeded."""
+    sd = dmap.load_sd2(pipeline[0])
+    denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
+    op = operators.SR(size=32, factor=4)
+    y = op(torch.rand(1, 3, 32, 32) * 2 - 1)
+
+    def decode(z):
+        return sd.vae.decode(z / vae.SCALING_FACTOR)
+
+    kwargs = {"resample": dict(iters=5)}.get(method, {})
+    A = op if method == "psld" else (lambda z: op(decode(z)))
+    if method == "psld":
+        kwargs = dict(adjoint=op.adjoint, decode=decode,
+                      encode=lambda image: sd.vae.encode(image)[0] * vae.SCALING_FACTOR)
+    sigmas = dmap.sd_sigmas(4, sd.abar)
+    outs = [dmap.SAMPLERS[method](denoiser, sigmas[0] * torch.randn(
+        1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), y, A, sigmas,
+        generator=torch.Generator().manual_seed(1), **kwargs) for _ in range(2)]
+    assert outs[0].shape == (1, 4, 4, 4) and torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_cli_end_to_end(pipeline, tmp_path):
     from skimage.data import astronaut
 
@@ -162,6 +186,8 @@ def test_cli_end_to_end(pipeline, tmp_path):
     (["--op", "nonlinear_blur", "--size", "128"], "GOPRO_wVAE.safetensors: no such file"),
     (["--zeta", "1e30", "--method", "dps"], "try a smaller --zeta"),
     (["--out", "/proc/forbidden"], "--out"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "try --device cpu"),
+    (["--device", "banana"], "try --device cpu"),
 ])
 def test_cli_bad_input(pipeline, tmp_path, capsys, extra, message):
     from skimage.data import astronaut
@@ -183,6 +209,10 @@ def test_cli_bad_images(pipeline, tmp_path, capsys):
     for name in ("empty.png", "text.png", "missing.png"):
         assert dmap.main([str(tmp_path / name), "--model", root, "--out", str(tmp_path)]) == 2
         assert "cannot read image" in capsys.readouterr().err
+    Image.new("RGB", (40, 300)).save(tmp_path / "thin.png")
+    assert dmap.main([str(tmp_path / "thin.png"), "--model", root, "--size", "64",
+                      "--out", str(tmp_path)]) == 2
+    assert "smaller than the 64x64" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: unknown method, exit code 2
         dmap.parse_args(["a.png", "--method", "nope"])
 
