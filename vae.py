@@ -227,7 +227,7 @@ class VAE(nn.Module):
 
     def __init__(self, cfg: VAEConfig = SD2):
         super().__init__()
-        self.config = cfg
+        self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)

@@ -93,7 +93,7 @@ def write_folder(folder, state: dict, config: dict = TINY_VAE_CONFIG,
 def test_load_vae_matches_diffusers(tiny):
     ref, folder = tiny
     ours = load_vae(folder)
-    assert ours.config == TINY
+    assert ours.cfg == TINY
     assert_same_outputs(ours, ref, "diffusers folder")
 
 
