@@ -572,8 +572,8 @@ def unet_from_single_file(path: str, config: UNetConfig = SD2_BASE, device=None,
                           dtype=None) -> UNet:
     """The UNet of a single-file LDM checkpoint (e.g. 512-base-ema.safetensors; fp32/fp16/bf16).
 
-    The file does not say which SD 2 it is (512-base eps and 768 v share all shapes): pass the
-    config; dtype None keeps the file's dtype.
+    The keys do not tell 512-base (eps) from 768 (v): same config, the caller knows which it
+    loaded. dtype None keeps the file's dtype.
     """
     with torch.device("meta"):
         model = UNet(config)
