@@ -1,0 +1,880 @@
+"""Exact Gaussian-mixture ground truth for every posterior sampler of dmap.SAMPLERS.
+
+With a Gaussian-mixture prior everything the paper (Xu et al., ICLR 2025, arXiv 2501.18913) can
+only approximate is exact: the noisy marginals, the denoiser, the score, the conditional score,
+and, for y = A x0 + sigma_y noise, the posterior itself (again a mixture). This file runs the
+samplers of dmap.py unchanged on such priors:
+
+    python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice (~1 min)
+    python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
+
+Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
+Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
+(5) the MCGdiff benchmark (Cardoso et al., ICLR 2024; notes/gmm_benchmark.md); (6) figures with
+Pillow; (7) the command line. Everything runs in float64 on the CPU.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import dmap
+
+F64 = torch.float64
+
+# ---------------------------------------------------------------------------------------------
+# (1) The Gaussian mixture: sum_k w_k N(m_k, C_k), C_k = U_k diag(lam_k) U_k^T
+# ---------------------------------------------------------------------------------------------
+
+
+class GMM:
+    """A mixture of K Gaussians in d dimensions, held in each component's eigenbasis.
+
+    weights (K,), means (K, d), lam the covariance eigenvalues, (K, d), or (K, 1) for isotropic
+    components; U the eigenvectors as columns: None for axis-aligned (scalar or diagonal)
+    covariances, (1, d, d) for one basis shared by all components (the posterior of isotropic
+    components), (K, d, d) otherwise. Every exact formula below is diagonal in these bases; with
+    one basis the squared distances expand into (N, d) @ (d, K) products, so 2000 samples x 25
+    components x d = 800 stay cheap.
+    The noisy marginal at sigma (x = x0 + sigma noise) is the same mixture with lam + sigma^2.
+    """
+
+    def __init__(self, weights, means, lam, U=None):
+        self.weights, self.means, self.lam, self.U = weights, means, lam, U
+        if U is None:
+            self.mr = means  # the means in their eigenbases, U_k^T m_k: (K, d)
+        elif len(U) == 1:
+            self.mr = means @ U[0]
+        else:
+            self.mr = torch.einsum("kd,kde->ke", means, U)
+
+    @classmethod
+    def from_cov(cls, weights, means, cov) -> "GMM":
+        """cov: (K,) scalar, (K, d) diagonal or (K, d, d) full covariances."""
+        if cov.ndim == 1:
+            return cls(weights, means, cov[:, None])
+        if cov.ndim == 2:
+            return cls(weights, means, cov)
+        lam, U = torch.linalg.eigh((cov + cov.mT) / 2)
+        return cls(weights, means, lam.clamp_min(0), U)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """The covariances C_k, (K, d, d)."""
+        lam = self.lam.expand_as(self.means)
+        if self.U is None:
+            return torch.diag_embed(lam)
+        return self.U @ (lam[..., None] * self.U.mT)
+
+    def noisy(self, sigma) -> "GMM":
+        """The marginal of x = x0 + sigma noise: the prior convolved with N(0, sigma^2 I)."""
+        return GMM(self.weights, self.means, self.lam + sigma**2, self.U)
+
+    def _rotate(self, x):
+        """x (N, d) in the eigenbases: (N, d) when one basis serves all components, else
+        (N, K, d)."""
+        if self.U is None:
+            return x
+        if len(self.U) == 1:
+            return x @ self.U[0]
+        return torch.einsum("nd,kde->nke", x, self.U)
+
+    def _unrotate(self, v, k):
+        """U_k v for row n's component k[n]: v (N, d) -> (N, d)."""
+        if self.U is None:
+            return v
+        if len(self.U) == 1:
+            return v @ self.U[0].mT
+        return torch.einsum("ne,nde->nd", v, self.U[k])
+
+    def _log_joint(self, xr, sigma):
+        """log w_k + log N(x; m_k, C_k + sigma^2 I) from the rotated x: (N, K)."""
+        lam = self.lam + sigma**2
+        if xr.ndim == 3:
+            maha = ((xr - self.mr) ** 2 / lam).sum(-1)
+        elif lam.shape[1] == 1:  # isotropic, one basis: (|x|^2 - 2 x.m + |m|^2) / lam
+            maha = ((xr**2).sum(-1, keepdim=True) - 2 * xr @ self.mr.T
+                    + (self.mr**2).sum(-1)) / lam.T
+        else:  # one basis: |x - m|^2_lam = x^2/lam - 2 x m/lam + m^2/lam
+            maha = xr**2 @ (1 / lam).T - 2 * xr @ (self.mr / lam).T + (self.mr**2 / lam).sum(-1)
+        log_det = torch.log(2 * math.pi * lam).expand_as(self.mr).sum(-1)
+        return self.weights.log() - 0.5 * (maha + log_det)
+
+    def _mix(self, xr, r, a, b):
+        """sum_k r_k U_k (a_k * U_k^T x + b_k): r (N, K) responsibilities, a, b (K, d)."""
+        if xr.ndim == 2:
+            out = xr * (r @ a) + r @ b
+            return out if self.U is None else out @ self.U[0].mT
+        return torch.einsum("nke,kde->nd", r[..., None] * (a * xr + b), self.U)
+
+    def log_prob(self, x, sigma=0.0) -> torch.Tensor:
+        """log p_sigma(x) of the noisy marginal, (N,)."""
+        return self._log_joint(self._rotate(x), sigma).logsumexp(-1)
+
+    def responsibilities(self, x, sigma=0.0) -> torch.Tensor:
+        """p(k | x) under the noisy marginal, (N, K)."""
+        return self._log_joint(self._rotate(x), sigma).softmax(-1)
+
+    def denoiser(self, x, sigma) -> torch.Tensor:
+        """x0_hat = E[x0 | x] (Tweedie, Eq. 4) = sum_k r_k(x) (m_k + C_k (C_k + sigma^2)^-1
+        (x - m_k)); contract 1 of DESIGN.md, differentiable in x."""
+        xr, lam_s = self._rotate(x), self.lam + sigma**2
+        r = self._log_joint(xr, sigma).softmax(-1)
+        return self._mix(xr, r, self.lam / lam_s, self.mr * sigma**2 / lam_s)
+
+    def score(self, x, sigma=0.0) -> torch.Tensor:
+        """grad_x log p_sigma(x) = sum_k r_k(x) (C_k + sigma^2)^-1 (m_k - x); for sigma > 0 it
+        equals (denoiser(x, sigma) - x) / sigma^2 (Tweedie)."""
+        xr, lam_s = self._rotate(x), self.lam + sigma**2
+        r = self._log_joint(xr, sigma).softmax(-1)
+        return self._mix(xr, r, -1 / lam_s, self.mr / lam_s)
+
+    def sample(self, n: int, generator=None) -> torch.Tensor:
+        """n exact samples, (n, d)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
+        return self.means[k] + self._unrotate(self.lam[k].sqrt() * z, k)
+
+    def sample_x0(self, x, sigma, generator=None) -> torch.Tensor:
+        """Exact samples of p(x0 | x0 + sigma noise = x), one per row of x: pick k ~ r_k(x),
+        then x0 ~ N(m_k + C_k (C_k + sigma^2)^-1 (x - m_k), C_k sigma^2 (C_k + sigma^2)^-1)."""
+        xr, lam_s = self._rotate(x), self.lam + sigma**2
+        r = self._log_joint(xr, sigma).softmax(-1)
+        k = torch.multinomial(r, 1, generator=generator)[:, 0]
+        if xr.ndim == 3:
+            xr = xr[torch.arange(len(x)), k]
+        mean = (self.lam / lam_s)[k] * xr + (self.mr * sigma**2 / lam_s)[k]
+        std = (self.lam * sigma**2 / lam_s).sqrt()[k]
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return self._unrotate(mean + std * z, k)
+
+    def posterior(self, A, y, sigma_y) -> "GMM":
+        """p(x0 | y) for y = A x0 + sigma_y noise, A (dy, d), y (dy,): again a mixture.
+
+        Per component the Gaussian (Kalman) update; the weights w'_k ∝ w_k N(y; A m_k,
+        sigma_y^2 I + A C_k A^T) (notes/gmm_benchmark.md §1.6)."""
+        dy, d = A.shape
+        if self.U is None:
+            CAt = self.lam[..., None] * A.T  # C_k A^T, (K, d, dy)
+        else:
+            CAt = self.U @ (self.lam[..., None] * (self.U.mT @ A.T))
+        S = A @ CAt + sigma_y**2 * torch.eye(dy, dtype=A.dtype)  # Cov[y | k], (K, dy, dy)
+        resid = y - self.means @ A.T  # (K, dy)
+        gain = torch.linalg.solve(S, CAt.mT).mT  # C_k A^T S_k^-1, (K, d, dy)
+        means = self.means + (gain @ resid[..., None])[..., 0]
+        log_w = self.weights.log() + torch.distributions.MultivariateNormal(
+            torch.zeros(dy, dtype=A.dtype), S).log_prob(resid)
+        weights = (log_w - log_w.logsumexp(0)).exp()
+        if self.U is None and self.lam.shape[1] == 1:
+            # isotropic components c_k I: (I/c_k + A^T A / sigma_y^2)^-1 is diagonal in the
+            # right singular basis V of A, eigenvalues c sigma_y^2 / (sigma_y^2 + c s_i^2)
+            _, s, Vh = torch.linalg.svd(A)
+            s2 = torch.zeros(d, dtype=A.dtype)
+            s2[: len(s)] = s**2
+            c = self.lam[:, :1]
+            return GMM(weights, means, c * sigma_y**2 / (sigma_y**2 + c * s2), Vh.mT[None])
+        return GMM.from_cov(weights, means, self.cov - gain @ CAt.mT)
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) Running a sampler on a mixture; the implied score of a guided step; the metric
+# ---------------------------------------------------------------------------------------------
+
+
+def run(name, prior, A_mat, y, sigmas, x, seed, **hyper):
+    """dmap.SAMPLERS[name] with the exact denoiser of `prior` and A x0 = A_mat x0, from x, or
+    from x = sigmas[0] * randn(x, d) when x is a number of samples."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(x, int):
+        x = float(sigmas[0]) * torch.randn(x, prior.means.shape[1], generator=g, dtype=F64)
+    if name == "psld":  # pixel space: A's true adjoint, decode = encode = identity
+        hyper = dict(hyper, adjoint=lambda v: v @ A_mat)
+    return dmap.SAMPLERS[name](prior.denoiser, x, y[None], lambda x0: x0 @ A_mat.T, sigmas,
+                               generator=g, **hyper)
+
+
+def implied_score(name, prior, A_mat, y, x, sigma, sigma_next, seed, repeats=16, **hyper):
+    """The score that one step of sampler `name` from sigma to sigma_next implies at x (eta = 1).
+
+    Derivation for dps: x_next = mu + sigma_up eps - zeta g, mu = x + (x - x0_hat)/sigma
+    (sigma_down - sigma). Writing this as an unguided step, x_next = x + (x - x0_hat')/sigma
+    (sigma_down - sigma) + sigma_up eps, defines x0_hat' = x0_hat - zeta g sigma/(sigma -
+    sigma_down), and by Tweedie s' = (x0_hat' - x)/sigma^2 = s - zeta g/(sigma (sigma -
+    sigma_down)); with eta = 1, sigma_down = sigma_next^2/sigma, so sigma (sigma - sigma_down) =
+    sigma^2 - sigma_next^2. For any sampler we use the same identity with the mean shift
+    E[x_next - x_next(ddpm)] over `repeats` noise draws eps shared by both: exact for dps (the
+    shift does not depend on eps); for dsg and dmap, which redraw the noise direction, it is
+    the drift of the step, the part of it a score can describe. Returns the score (N, d) and
+    the Monte Carlo variance of its estimate, (N,), zero for dps (to debias squared errors).
+    """
+    sigmas = torch.tensor([sigma, sigma_next], dtype=F64)
+    xs = x.repeat_interleave(repeats, 0)
+    step = {}
+    for method in (name, "ddpm"):
+        step[method] = run(method, prior, A_mat, y, sigmas, xs, seed,
+                           **(hyper if method == name else {}))
+    shift = (step[name] - step["ddpm"]).view(len(x), repeats, -1) / (sigma**2 - sigma_next**2)
+    mc_var = shift.var(1).sum(1) / repeats if repeats > 1 else x.new_zeros(len(x))
+    return prior.score(x, sigma) + shift.mean(1), mc_var
+
+
+def sliced_wasserstein(a, b, n_slices=100, generator=None) -> float:
+    """Mean over n_slices random unit directions of the 1-D W1 between the projections
+    (MCGdiff's sliced_wasserstein, notes §1.6); equal sample sizes: W1 = mean |sorted diff|."""
+    assert a.shape == b.shape, f"equal sample sets needed, got {a.shape} and {b.shape}"
+    theta = torch.randn(a.shape[1], n_slices, generator=generator, dtype=a.dtype)
+    theta = theta / theta.norm(dim=0)
+    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
+    return (pa - pb).abs().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) Fig. 8 (Appendix A.4): two modes, the first coordinate observed
+# ---------------------------------------------------------------------------------------------
+
+# (label, sampler, hyper-parameters); the paper's DPS has zeta = 0.05 (Appendix A.4)
+FIG8_RUNS = [
+    ("unguided (ddpm)", "ddpm", {}),
+    ("DPS zeta=0.01", "dps", dict(zeta=0.01)),
+    ("DPS zeta=0.05", "dps", dict(zeta=0.05)),
+    ("DPS zeta=0.2", "dps", dict(zeta=0.2)),
+    ("DPS zeta=1", "dps", dict(zeta=1.0)),
+    ("DSG rate=0.08", "dsg", dict(zeta=0.08)),
+    ("DSG rate=0.3", "dsg", dict(zeta=0.3)),
+    ("DMAP zeta=0.05", "dmap", dict(zeta=0.05)),
+    ("DMAP zeta=0.5", "dmap", dict(zeta=0.5)),
+    ("FreeDOM zeta=0.05", "freedom", dict(zeta=0.05)),
+    ("ReSample zeta=0.05", "resample", dict(zeta=0.05)),
+    ("PSLD zeta=0.05", "psld", dict(zeta=0.05)),
+]
+NOISE_FREE = 1e-3  # sigma_y standing in for the paper's noise-free y
+
+
+def fig8_problem():
+    """Appendix A.4: centres (-1, -1) and (1, 1), std 0.3, equal weights; A keeps the first
+    coordinate and zeroes the second; y = (0.5, 0)."""
+    prior = GMM.from_cov(torch.tensor([0.5, 0.5], dtype=F64),
+                         torch.tensor([[-1.0, -1.0], [1.0, 1.0]], dtype=F64),
+                         torch.tensor([0.09, 0.09], dtype=F64))
+    A_mat = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    return prior, A_mat, torch.tensor([0.5, 0.0], dtype=F64)
+
+
+def fig8_sigmas(steps=100):
+    """100 Karras steps, sigma_max 4, rho 7 (Appendix A.4); sigma_min 0.002 is EDM's default
+    (the paper gives none, official_code.md §8)."""
+    return dmap.karras_sigmas(steps, 0.002, 4.0, 7.0)
+
+
+def sample_stats(x) -> dict:
+    """Fraction in the lower mode (x2 < 0, the (-1, -1) component), mean of x1, spreads."""
+    return dict(lower=(x[:, 1] < 0).double().mean().item(), mean_x1=x[:, 0].mean().item(),
+                std_x1=x[:, 0].std().item(), std_x2=x[:, 1].std().item())
+
+
+def exact_stats(post: GMM) -> dict:
+    """sample_stats in closed form: P(x2 < 0) = sum_k w_k Phi(-m_k2 / sqrt(C_k22)) and the
+    mixture moments E[x] = sum w_k m_k, E[x x^T] = sum w_k (C_k + m_k m_k^T)."""
+    cov = post.cov
+    lower = (post.weights * torch.special.ndtr(-post.means[:, 1] / cov[:, 1, 1].sqrt())).sum()
+    mean = post.weights @ post.means
+    var = post.weights @ (cov.diagonal(dim1=1, dim2=2) + post.means**2) - mean**2
+    return dict(lower=lower.item(), mean_x1=mean[0].item(), std_x1=var[0].sqrt().item(),
+                std_x2=var[1].sqrt().item())
+
+
+def fig8(n, sigma_y, seed, steps=100):
+    """Samples of the exact posterior (at sigma_y and noise-free) and of every FIG8_RUNS entry."""
+    prior, A_mat, y = fig8_problem()
+    g = torch.Generator().manual_seed(seed)
+    samples = {f"exact, sigma_y={s:g}": prior.posterior(A_mat, y, s).sample(n, g)
+               for s in (sigma_y, NOISE_FREE)}
+    for label, name, hyper in FIG8_RUNS:
+        samples[label] = run(name, prior, A_mat, y, fig8_sigmas(steps), n, seed, **hyper)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) The three observations of Sec. 3, against the exact conditional score
+# ---------------------------------------------------------------------------------------------
+
+OBS_RUNS = [r for r in FIG8_RUNS if r[1] in ("dps", "dsg", "dmap")]
+REPEATS = dict(dps=1, dsg=64, dmap=64)  # noise draws per x for implied_score (dps: exact)
+
+
+def observations(sigma_y, n, n_mean, seed, steps=100) -> dict:
+    """Observation I (Eq. 9-10): the error of each method's implied score (implied_score) and of
+    the unconditional score against the exact conditional score grad log p_sigma(x | y) (the
+    noisy posterior is a mixture too), along the exact conditional trajectory x ~ p_sigma(x | y)
+    (the analogue of the paper's StableSR reference trajectory); reported in epsilon units,
+    sigma * RMS ||s - s_true||. Observation II (Eq. 11-12): the mean of each score at the first
+    step over n_mean exact samples of p_sigma_max(x | y), where every valid conditional score
+    has mean zero. Observation III (Eq. 13) uses the Fig. 8 samples."""
+    prior, A_mat, y = fig8_problem()
+    post = prior.posterior(A_mat, y, sigma_y)
+    s = fig8_sigmas(steps).tolist()
+    g = torch.Generator().manual_seed(seed)
+    error = {label: [] for label in ["unconditional"] + [r[0] for r in OBS_RUNS]}
+    for i in range(steps):
+        x = post.noisy(s[i]).sample(n, g)
+        s_true = post.score(x, s[i])
+        mse = (prior.score(x, s[i]) - s_true).pow(2).sum(1).mean()
+        error["unconditional"].append(s[i] * mse.sqrt().item())
+        for label, name, hyper in OBS_RUNS:
+            score, mc_var = implied_score(name, prior, A_mat, y, x, s[i], s[i + 1], seed + i,
+                                          repeats=REPEATS[name], **hyper)
+            mse = ((score - s_true).pow(2).sum(1) - mc_var).mean()  # E|s - s_true|^2, debiased
+            error[label].append(s[i] * mse.clamp_min(0).sqrt().item())
+    x = post.noisy(s[0]).sample(n_mean, g)
+    scores = {"exact conditional": post.score(x, s[0]), "unconditional": prior.score(x, s[0])}
+    for label, name, hyper in OBS_RUNS:
+        scores[label] = implied_score(name, prior, A_mat, y, x, s[0], s[1], seed,
+                                      repeats=REPEATS[name], **hyper)[0]
+    mean = {label: dict(mean=v.mean(0).tolist(), norm=v.mean(0).norm().item(),
+                        se=(v.std(0) / math.sqrt(n_mean)).tolist(),
+                        rms=v.pow(2).sum(1).mean().sqrt().item())
+            for label, v in scores.items()}
+    return dict(sigma_y=sigma_y, sigmas=s[:-1], error=error, mean=mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The MCGdiff Gaussian-mixture benchmark (Cardoso et al., ICLR 2024; notes/gmm_benchmark.md)
+# ---------------------------------------------------------------------------------------------
+
+SETTINGS = [(20, 0.6), (100, 0.85)]  # (steps, eta), notes §1.4
+DIMS, DYS = [800, 80, 8], [1, 2, 4]  # loop orders of the original; they enter the seeds
+ZETA_PROTOCOL = 0.1  # dps_jax's zeta_coeff on grad ||A x0_hat - y||^2 / err (notes §1.7)
+
+
+def protocol_abar() -> torch.Tensor:
+    """abar_t, t = 0..999, of the benchmark: betas = linspace(0.02, 1e-4, 999), DECREASING (the
+    usual DDPM betas increase), with abar_0 = 1 prepended (notes §1.3)."""
+    betas = torch.linspace(0.02, 1e-4, 999, dtype=F64)
+    return torch.cumprod(torch.cat([torch.ones(1, dtype=F64), 1 - betas]), 0)
+
+
+def protocol_timesteps(n_steps, abar) -> list:
+    """get_optimal_timesteps_from_singular_values (notes §1.4): keep t where sqrt(abar) has
+    dropped by a fixed stride since the last kept t, up to the first t with sqrt(abar) < 1e-2,
+    then ceil(linspace) to t = 999. The "optimal" entry of the original always lands beyond
+    that point and only enters through its count (1), which shortens the stride."""
+    sq = abar.sqrt()
+    end = int((sq < 1e-2).nonzero()[0])
+    stride = (sq[0] - sq[end]) / (n_steps - 1 - 1)
+    ts, last = [0], sq[0]
+    for t in range(1, end):
+        if last - sq[t] >= stride:
+            ts.append(t)
+            last = sq[t]
+    tail = torch.linspace(ts[-1], len(abar) - 1, n_steps - len(ts) + 1, dtype=F64)
+    return ts + tail.ceil().long().tolist()[1:]
+
+
+def protocol_schedule(n_steps):
+    """The benchmark's timesteps in our sigma space: abar of the visited t in sampling order
+    (999 first, ending at abar_0 = 1), sigma_t = sqrt((1 - abar_t)/abar_t) (ending in 0), and
+    dps_jax's guidance as our per-step zeta. Derivation: the protocol subtracts
+    (zeta'/err) grad_{x_vp} err^2 = 2 zeta' grad_{x_vp} err from x_vp at t' = t_prev; with
+    x_ve = x_vp / sqrt(abar), grad_{x_vp} = grad_{x_ve} / sqrt(abar_t) and the result divides by
+    sqrt(abar_t'), so zeta_i = 2 zeta' / sqrt(abar_t abar_t'). Its unguided part is the DDPM
+    posterior mean, which in sigma space is exactly our eta = 1 ancestral mean, plus eta times
+    the ancestral noise; for eta < 1 our step is DDIM(eta) instead (same noise, a mean further
+    along x - x0_hat), so only eta = 1 reproduces the whole step (tests/test_toy_gmm.py)."""
+    abar = protocol_abar()
+    a = abar[protocol_timesteps(n_steps, abar)].flip(0)
+    return a, ((1 - a) / a).sqrt(), 2 * ZETA_PROTOCOL / (a[:-1] * a[1:]).sqrt()
+
+
+@torch.no_grad()
+def dps_protocol(prior: GMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL, eta=1.0, generator=None):
+    """DPS exactly as MCGdiff's gmm.py runs it (dps_jax, notes §1.7), in VP coordinates
+    x_vp = sqrt(abar) x0 + sqrt(1 - abar) noise; abars in sampling order. A reference for the
+    translation into our dps (protocol_schedule) and a column of the benchmark."""
+    a = abars.tolist()
+    for t in range(len(a) - 1):
+        at, ap = a[t], a[t + 1]
+        q = GMM(prior.weights, prior.means * at**0.5, prior.lam * at + 1 - at, prior.U)  # q_t
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0_hat = (xg + (1 - at) * q.score(xg)) / at**0.5
+            err = (A(x0_hat) - y).norm(dim=1)
+            (grad,) = torch.autograd.grad(err.pow(2).sum(), xg)
+        c_x = (at / ap) ** 0.5 * (1 - ap) / (1 - at)  # coeff_sample
+        c_0 = ap**0.5 * (1 - at / ap) / (1 - at)  # coeff_pred_x0
+        noise = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
+        x = (c_x * x + c_0 * x0_hat.detach() + noise * dmap.noise_like(x, generator)
+             - grad * (zeta / err[:, None]))
+    return x
+
+
+def protocol_problem(d, dy, weights, generator):
+    """generate_measurement_equations (notes §1.2, §1.5): 25 unit-covariance components on a
+    5 x 5 grid of spacing 8 tiled to d, A = U diag(s) V^T with s ~ sorted U(0, 1), sigma_y =
+    U(0, 1) max(s), y = A x* + sigma_y noise for one prior draw x*."""
+    grid = torch.tensor([[-8.0 * i, -8.0 * j] for i in range(-2, 3) for j in range(-2, 3)],
+                        dtype=F64)
+    prior = GMM.from_cov(weights, grid.repeat(1, d // 2), torch.ones(25, dtype=F64))
+    U, _, Vh = torch.linalg.svd(torch.randn(dy, d, generator=generator, dtype=F64),
+                                full_matrices=False)
+    s = torch.rand(dy, generator=generator, dtype=F64).sort(descending=True).values
+    A_mat = U @ torch.diag(s) @ Vh
+    x_star = prior.sample(1, generator)[0]
+    sigma_y = torch.rand(1, generator=generator, dtype=F64).item() * s.max().item()
+    y = A_mat @ x_star + sigma_y * torch.randn(dy, generator=generator, dtype=F64)
+    return prior, A_mat, y, sigma_y
+
+
+def bench_hyper(zeta, eta) -> dict:
+    """Per sampler of dmap.SAMPLERS: its hyper-parameters here. The DPS-type methods take the
+    protocol's DPS step (per-step zeta); DSG its default rate; all the protocol's eta."""
+    return {"ddpm": dict(eta=eta), "dps": dict(zeta=zeta, eta=eta),
+            "dsg": dict(zeta=0.08, eta=eta), "dmap": dict(zeta=zeta, eta=eta),
+            "freedom": dict(zeta=zeta, eta=eta), "resample": dict(zeta=zeta, eta=eta),
+            "psld": dict(zeta=zeta, eta=eta)}
+
+
+def concentration(prior: GMM, post: GMM, sigmas, n, generator) -> dict:
+    """How tightly ||x_{t-1} - mu|| sits at sqrt(d) sigma_up (the premise of DSG and DMAP), per
+    step, from exact x_t ~ p(x_t | y): for the unguided ancestral step (chi_d / sqrt(d)) and for
+    the exact conditional transition p(x_{t-1} | x_t, y), which is the noisy posterior at
+    sigma_{t-1} observed through x_t = x_{t-1} + sqrt(sigma_t^2 - sigma_{t-1}^2) noise. mu is
+    the unconditional ancestral mean (eta = 1); the last step (sigma_up = 0) is left out."""
+    s, d = sigmas.tolist(), prior.means.shape[1]
+    out = dict(unguided=[], exact=[])
+    for i in range(len(s) - 2):
+        x = post.noisy(s[i]).sample(n, generator)
+        x0_hat = prior.denoiser(x, s[i])
+        x_next, mu, sigma_up = dmap.ancestral_step(x, x0_hat, s[i], s[i + 1], 1.0, generator)
+        exact = post.noisy(s[i + 1]).sample_x0(x, (s[i] ** 2 - s[i + 1] ** 2) ** 0.5, generator)
+        for key, v in (("unguided", x_next), ("exact", exact)):
+            out[key].append(((v - mu).norm(dim=1) / (math.sqrt(d) * sigma_up)).tolist())
+    return out
+
+
+def stacked(A_mats):
+    """P problems side by side as one operator (and its adjoint): rows p n .. (p + 1) n - 1 of
+    the batch see A_mats[p], (P, dy, d). Every sample stays independent (contract 2)."""
+    P = len(A_mats)
+
+    def A(x0):
+        return torch.einsum("pnd,pyd->pny", x0.reshape(P, -1, x0.shape[1]),
+                            A_mats).reshape(len(x0), -1)
+
+    def adjoint(v):
+        return torch.einsum("pny,pyd->pnd", v.reshape(P, -1, v.shape[1]),
+                            A_mats).reshape(len(v), -1)
+    return A, adjoint
+
+
+def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4 * 10**6):
+    """The MCGdiff protocol: per (steps, d, dy) `problems` problems with the original seeds
+    2^ind_dim 3^ind_dy 5^ind_steps + i (offset by 10^6 seed); SW (100 slices) of n samples of
+    each method against n exact posterior samples; the floor is a second exact set. Weights
+    randn^2 normalised, one draw per (steps, d) (notes §1.2), so the prior is shared by the
+    problems of a cell and each sampler runs on several problems at once (about `chunk`
+    numbers per batch). Yields one dict per (problem, method), and per (steps, d) one
+    "concentration" dict (first problem of the first dy) when conc_n > 0."""
+    for ind_steps, (steps, eta) in enumerate(settings):
+        abars, sigmas, zeta = protocol_schedule(steps)
+        hyper = bench_hyper(zeta, eta)
+        for ind_dim, d in enumerate(DIMS):
+            if d not in dims:
+                continue
+            g = torch.Generator().manual_seed(10**6 * seed + 7 * ind_steps + ind_dim)
+            weights = torch.randn(25, generator=g, dtype=F64) ** 2
+            weights = weights / weights.sum()
+            P = max(1, chunk // (n * d))  # problems per batch
+            for ind_dy, dy in enumerate(DYS):
+                if dy not in dys:
+                    continue
+                seeds = [10**6 * seed + 2**ind_dim * 3**ind_dy * 5**ind_steps + i
+                         for i in range(problems)]
+                cell = [protocol_problem(d, dy, weights, torch.Generator().manual_seed(s))
+                        for s in seeds]
+                prior = cell[0][0]
+                posts = [prior.posterior(A_mat, y, sigma_y) for _, A_mat, y, sigma_y in cell]
+                g = torch.Generator().manual_seed(seeds[0])
+                refs = [post.sample(n, g) for post in posts]
+                for name in ["exact posterior (floor)", "dps_protocol"] + methods:
+                    for lo in range(0, problems, P):
+                        group = range(lo, min(lo + P, problems))
+                        A, adjoint = stacked(torch.stack([cell[i][1] for i in group]))
+                        y = torch.cat([cell[i][2].expand(n, dy) for i in group])
+                        t0 = time.time()
+                        if name == "exact posterior (floor)":
+                            x = torch.cat([posts[i].sample(n, g) for i in group])
+                        elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999
+                            x = torch.randn(len(y), d, generator=g, dtype=F64)
+                            x = dps_protocol(prior, x, y, A, abars, eta=eta, generator=g)
+                        else:
+                            x = float(sigmas[0]) * torch.randn(len(y), d, generator=g, dtype=F64)
+                            extra = dict(adjoint=adjoint) if name == "psld" else {}
+                            x = dmap.SAMPLERS[name](prior.denoiser, x, y, A, sigmas, generator=g,
+                                                    **extra, **hyper[name])
+                        seconds = (time.time() - t0) / len(group)
+                        for j, i in enumerate(group):
+                            xi, ref = x[j * n:(j + 1) * n], refs[i]
+                            directions = torch.Generator().manual_seed(i)
+                            sw = sliced_wasserstein(xi, ref, generator=directions)
+                            yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=i,
+                                       sigma_y=cell[i][3], method=name, sw=sw, seconds=seconds,
+                                       std_ratio=(xi.std(0) / ref.std(0)).mean().item())
+                if conc_n and dy == dys[0]:
+                    yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=0, method="concentration",
+                               **concentration(prior, posts[0], sigmas, conc_n, g))
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) Figures with Pillow: axes with ticks, labels and a legend
+# ---------------------------------------------------------------------------------------------
+
+FONT = ImageFont.load_default(size=13)
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+          "#17becf", "#7f7f7f", "#bcbd22", "#000000"]
+
+
+def nice_ticks(lo, hi, n=5) -> list:
+    """Round tick values (1, 2 or 5 times a power of ten apart) inside [lo, hi]."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (m * step) <= n)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+class Axes:
+    """One plot in a Pillow image: box = (left, top, right, bottom) of the data area in pixels."""
+
+    def __init__(self, image, box, xlim, ylim, *, title="", xlabel="", ylabel="", logx=False,
+                 logy=False, yticks=None):
+        self.image, self.draw, self.box = image, ImageDraw.Draw(image), box
+        self.xlim, self.ylim, self.logx, self.logy = xlim, ylim, logx, logy
+        left, top, right, bottom = box
+        self.draw.rectangle(box, outline="black")
+        for v in (self._log_ticks(xlim) if logx else nice_ticks(*xlim)):
+            px = self.px(v, ylim[0])[0]
+            self.draw.line([(px, bottom), (px, bottom + 4)], fill="black")
+            self.draw.text((px, bottom + 6), self._fmt(v, logx), font=FONT, fill="black",
+                           anchor="mt")
+        for v in yticks or (self._log_ticks(ylim) if logy else nice_ticks(*ylim)):
+            label, v = (v if isinstance(v, tuple) else (self._fmt(v, logy), v))
+            py = self.px(xlim[0], v)[1]
+            self.draw.line([(left - 4, py), (left, py)], fill="black")
+            self.draw.text((left - 6, py), label, font=FONT, fill="black", anchor="rm")
+        self.draw.text(((left + right) / 2, top - 6), title, font=FONT, fill="black", anchor="mb")
+        self.draw.text(((left + right) / 2, bottom + 24), xlabel, font=FONT, fill="black",
+                       anchor="mt")
+        if ylabel:  # rotated text: draw on its own image, turn it, paste it left of the ticks
+            w = int(FONT.getlength(ylabel)) + 4
+            label = Image.new("RGBA", (w, 16), (255, 255, 255, 0))
+            ImageDraw.Draw(label).text((2, 1), ylabel, font=FONT, fill="black")
+            label = label.rotate(90, expand=True)
+            image.paste(label, (left - 58, (top + bottom - w) // 2), label)
+
+    @staticmethod
+    def _log_ticks(lim):
+        return [10.0**k for k in range(math.ceil(math.log10(lim[0]) - 1e-9),
+                                       math.floor(math.log10(lim[1]) + 1e-9) + 1)]
+
+    @staticmethod
+    def _fmt(v, log):
+        return f"1e{round(math.log10(v))}" if log else f"{v:g}"
+
+    def px(self, x, y):
+        """Data -> pixel coordinates (numpy arrays or floats)."""
+        left, top, right, bottom = self.box
+        fx = ((np.log10(x) - math.log10(self.xlim[0])) / math.log10(self.xlim[1] / self.xlim[0])
+              if self.logx else (np.asarray(x) - self.xlim[0]) / (self.xlim[1] - self.xlim[0]))
+        fy = ((np.log10(y) - math.log10(self.ylim[0])) / math.log10(self.ylim[1] / self.ylim[0])
+              if self.logy else (np.asarray(y) - self.ylim[0]) / (self.ylim[1] - self.ylim[0]))
+        return left + fx * (right - left), bottom - fy * (bottom - top)
+
+    def points(self, x, y, color, r=1.5):
+        left, top, right, bottom = self.box
+        for px, py in zip(*self.px(np.asarray(x), np.asarray(y)), strict=True):
+            if left <= px <= right and top <= py <= bottom:
+                self.draw.ellipse([px - r, py - r, px + r, py + r], fill=color)
+
+    def line(self, x, y, color, width=2):
+        px, py = self.px(np.asarray(x), np.asarray(y))
+        self.draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=color, width=width)
+
+    def hbar(self, y, x0, x1, color, height=0.6):
+        (a, top), (b, bottom) = self.px(x0, y + height / 2), self.px(x1, y - height / 2)
+        self.draw.rectangle([a, top, b, bottom], fill=color)
+
+    def legend(self, items, corner="ne"):
+        """items: (label, color); a box in the corner of the data area."""
+        left, top, right, bottom = self.box
+        w = max(FONT.getlength(label) for label, _ in items) + 30
+        h = 18 * len(items) + 6
+        x0 = right - w - 6 if corner[1] == "e" else left + 6
+        y0 = top + 6 if corner[0] == "n" else bottom - h - 6
+        self.draw.rectangle([x0, y0, x0 + w, y0 + h], fill="white", outline="#888888")
+        for j, (label, color) in enumerate(items):
+            yc = y0 + 12 + 18 * j
+            self.draw.line([(x0 + 5, yc), (x0 + 20, yc)], fill=color, width=4)
+            self.draw.text((x0 + 25, yc), label, font=FONT, fill="black", anchor="lm")
+
+
+def density_contours(ax: Axes, gmm: GMM, masses=(0.5, 0.9, 0.99)):
+    """Fill the data area with the highest-density regions of a 2-D mixture holding the given
+    probability masses (computed on the pixel grid), outlined where the region changes."""
+    left, top, right, bottom = (int(v) for v in ax.box)
+    w, h = right - left, bottom - top
+    xs = np.linspace(*ax.xlim, w)
+    ys = np.linspace(ax.ylim[1], ax.ylim[0], h)
+    grid = torch.tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=F64)
+    p = gmm.log_prob(grid).exp().numpy()
+    order = np.sort(p)[::-1]
+    mass = np.cumsum(order) / order.sum()
+    levels = [order[np.searchsorted(mass, m)] for m in masses]
+    band = sum((p >= lv).astype(int) for lv in levels).reshape(h, w)  # 0 outside .. 3 inside
+    shades = np.array([[255, 255, 255], [222, 235, 247], [158, 202, 225], [107, 174, 214]])
+    rgb = shades[band]
+    edge = np.zeros((h, w), bool)
+    edge[:, 1:] |= band[:, 1:] != band[:, :-1]
+    edge[1:, :] |= band[1:, :] != band[:-1, :]
+    rgb[edge] = [8, 69, 148]
+    ax.image.paste(Image.fromarray(rgb.astype(np.uint8)), (left, top))
+
+
+def draw_fig8(samples, post: GMM, sigma_y, path, cols=4, size=260):
+    """One panel per method: exact posterior HDR contours (sigma_y) and its samples on top."""
+    rows = math.ceil(len(samples) / cols)
+    image = Image.new("RGB", (cols * (size + 80) + 20, rows * (size + 80) + 50), "white")
+    ImageDraw.Draw(image).text((10, 8), "Fig. 8 setting: contours = exact posterior (50/90/99% "
+                               f"regions), sigma_y = {sigma_y:g}; dots = samples", font=FONT,
+                               fill="black")
+    for j, (label, x) in enumerate(samples.items()):
+        left, top = 70 + (j % cols) * (size + 80), 60 + (j // cols) * (size + 80)
+        ax = Axes(image, (left, top, left + size, top + size), (-2.5, 2.5), (-2.5, 2.5),
+                  title=label, xlabel="x1", ylabel="x2" if j % cols == 0 else "")
+        density_contours(ax, post)
+        ax.draw.rectangle(ax.box, outline="black")
+        ax.points(x[:500, 0].numpy(), x[:500, 1].numpy(), "#d62728", r=1.5)
+    image.save(path)
+
+
+def draw_lines(curves, path, title, xlabel, ylabel, xlim, ylim, logx=True, logy=True):
+    """curves: {label: (x, y)} as lines with a legend."""
+    image = Image.new("RGB", (760, 520), "white")
+    ax = Axes(image, (90, 40, 560, 460), xlim, ylim, title=title, xlabel=xlabel, ylabel=ylabel,
+              logx=logx, logy=logy)
+    items = []
+    for j, (label, (x, y)) in enumerate(curves.items()):
+        y = np.clip(np.asarray(y, float), ylim[0], ylim[1])
+        ax.line(x, y, COLORS[j % len(COLORS)])
+        items.append((label, COLORS[j % len(COLORS)]))
+    ax.box = (570, 40, 750, 460)  # the legend to the right of the data area
+    ax.legend(items, corner="nw")
+    image.save(path)
+
+
+def draw_bars(groups, path, title, xlabel, xlim, logx=False, reference=None):
+    """Horizontal bars: groups {label: [(value, color), ...]}, one row per label; an optional
+    (value, label) reference line."""
+    labels = list(groups)
+    image = Image.new("RGB", (760, 60 + 34 * len(labels) + 60), "white")
+    box = (200, 40, 730, 40 + 34 * len(labels))
+    ax = Axes(image, box, xlim, (-0.5, len(labels) - 0.5), title=title, xlabel=xlabel,
+              logx=logx, yticks=[(lb, len(labels) - 1 - j) for j, lb in enumerate(labels)])
+    for j, label in enumerate(labels):
+        bars = groups[label]
+        for k, (value, color) in enumerate(bars):
+            yc = len(labels) - 1 - j + (k - (len(bars) - 1) / 2) * 0.8 / len(bars)
+            ax.hbar(yc, xlim[0], min(max(value, xlim[0]), xlim[1]), color,
+                    height=0.75 / len(bars))
+    if reference is not None:
+        for value, color in reference:
+            px = ax.px(value, 0)[0]
+            ax.draw.line([(px, box[1]), (px, box[3])], fill=color, width=2)
+    image.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# (7) The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def fig8_tables(samples, sigma_y) -> str:
+    """Markdown: exact mode weight and spreads against sigma_y; each method's samples."""
+    prior, A_mat, y = fig8_problem()
+    head = "| {} | P(x2 < 0) | mean x1 | std x1 | std x2 |\n|---|---|---|---|---|\n"
+    row = "| {} | {lower:.4f} | {mean_x1:.3f} | {std_x1:.3f} | {std_x2:.3f} |\n"
+    out = "Exact posterior of the Fig. 8 problem against the likelihood's sigma_y:\n\n"
+    out += head.format("sigma_y")
+    for s in (NOISE_FREE, 0.1, 0.3, 0.5, 1.0, 2.0):
+        out += row.format(f"{s:g}", **exact_stats(prior.posterior(A_mat, y, s)))
+    out += f"\nSamples ({len(next(iter(samples.values())))} each, 100 Karras steps):\n\n"
+    out += head.format("method")
+    for label, x in samples.items():
+        out += row.format(label, **sample_stats(x))
+    return out
+
+
+def observation_tables(obs, samples) -> str:
+    s, out = np.array(obs["sigmas"]), f"Observations against sigma_y = {obs['sigma_y']:g}.\n\n"
+    picks = [int(np.argmin(np.abs(s - v))) for v in (4.0, 1.0, 0.1, 0.01)]
+    out += ("Observation I: epsilon-scaled error sigma * RMS ||s - s_true(x | y)|| along the "
+            "exact conditional trajectory\n\n| score | mean over steps | "
+            + " | ".join(f"sigma={s[i]:.3g}" for i in picks) + " |\n"
+            + "|---" * (2 + len(picks)) + "|\n")
+    for label, e in obs["error"].items():
+        out += f"| {label} | {np.mean(e):.4f} | " + " | ".join(f"{e[i]:.4f}" for i in picks)
+        out += " |\n"
+    out += ("\nObservation II: mean of the score at the first step (sigma = "
+            f"{s[0]:g}) over exact samples of p(x_T | y); standard errors in brackets\n\n"
+            "| score | mean (x1, x2) | norm of mean | RMS of score |\n|---|---|---|---|\n")
+    for label, m in obs["mean"].items():
+        out += (f"| {label} | ({m['mean'][0]:+.2e} [{m['se'][0]:.1e}], {m['mean'][1]:+.2e} "
+                f"[{m['se'][1]:.1e}]) | {m['norm']:.2e} | {m['rms']:.3f} |\n")
+    out += "\nObservation III: per-coordinate std of the samples / exact std\n\n"
+    prior, A_mat, y = fig8_problem()
+    ref = {sy: exact_stats(prior.posterior(A_mat, y, sy)) for sy in (obs["sigma_y"], NOISE_FREE)}
+    out += "| method | std x1 | std x2 | " + " | ".join(
+        f"ratio x1, x2 vs sigma_y={sy:g}" for sy in ref) + " |\n|---|---|---|---|---|\n"
+    for label, x in samples.items():
+        st = sample_stats(x)
+        out += f"| {label} | {st['std_x1']:.3f} | {st['std_x2']:.3f} | " + " | ".join(
+            f"{st['std_x1'] / r['std_x1']:.2f}, {st['std_x2'] / r['std_x2']:.2f}"
+            for r in ref.values()) + " |\n"
+    return out
+
+
+def benchmark_tables(rows) -> str:
+    """Markdown: SW mean ± 1.96 std / sqrt(n) over problems (aggregate_gmm_table.py, notes
+    §1.6) per (steps, method) x (d, dy); seconds per problem; the concentration of
+    ||x_{t-1} - mu|| / (sqrt(d) sigma_up)."""
+    results = [r for r in rows if r["method"] != "concentration"]
+    out = ""
+    for steps, eta in sorted({(r["steps"], r["eta"]) for r in results}):
+        cells = sorted({(r["d"], r["dy"]) for r in results if r["steps"] == steps})
+        methods = list(dict.fromkeys(r["method"] for r in results))
+        out += (f"\n{steps} steps (eta = {eta}): sliced Wasserstein, mean ± 95% interval over "
+                "problems (n = problems per cell)\n\n| method | "
+                + " | ".join(f"d={d} dy={dy}" for d, dy in cells)
+                + " | s/problem |\n" + "|---" * (len(cells) + 2) + "|\n")
+        for m in methods:
+            sel = [r for r in results if r["steps"] == steps and r["method"] == m]
+            out += f"| {m} |"
+            for d, dy in cells:
+                sw = np.array([r["sw"] for r in sel if (r["d"], r["dy"]) == (d, dy)])
+                ci = 1.96 * sw.std() / math.sqrt(len(sw)) if len(sw) > 1 else float("nan")
+                out += f" {sw.mean():.2f} ± {ci:.2f} (n={len(sw)}) |"
+            out += f" {np.mean([r['seconds'] for r in sel]):.2f} |\n"
+    conc = [r for r in rows if r["method"] == "concentration"]
+    if conc:
+        out += ("\nConcentration of ||x_{t-1} - mu|| / (sqrt(d) sigma_up) over the steps "
+                "(first problem of the cell, x_t ~ exact p(x_t | y)): mean; average "
+                "within-step std; the worst step's |mean - 1|\n\n| steps | d | unguided | "
+                "exact conditional transition |\n|---|---|---|---|\n")
+        for r in conc:
+            st = []
+            for key in ("unguided", "exact"):
+                v = np.array(r[key])
+                st.append(f"{v.mean():.3f}; {v.std(1).mean():.3f}; "
+                          f"{np.abs(v.mean(1) - 1).max():.3f}")
+            out += f"| {r['steps']} | {r['d']} | {st[0]} | {st[1]} |\n"
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", default="all",
+                        choices=["all", "fig8", "observations", "benchmark"],
+                        help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
+                        "the full MCGdiff benchmark")
+    parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--sigma-y", type=float, default=1.0,
+                        help="likelihood noise that defines the exact posterior of Fig. 8")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per Fig. 8 method")
+    parser.add_argument("--problems", type=int, default=None,
+                        help="benchmark problems per cell (default 20; 2 in the slice of 'all')")
+    parser.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=None,
+                        help="benchmark dimensions d (default all; 8 in the slice of 'all')")
+    parser.add_argument("--dys", type=int, nargs="+", choices=DYS, default=DYS,
+                        help="benchmark measurement sizes dy")
+    parser.add_argument("--bench-samples", type=int, default=2000,
+                        help="benchmark samples per method and reference (protocol: 2000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (small tensors: one thread avoids contention)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and 20 steps, for tests; numbers are not meaningful")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    steps = 20 if args.quick else 100
+    n = 200 if args.quick else args.samples
+    summary, t0 = {}, time.time()
+    if args.part in ("all", "fig8", "observations"):
+        prior, A_mat, y = fig8_problem()
+        post = prior.posterior(A_mat, y, args.sigma_y)
+        samples = fig8(n, args.sigma_y, args.seed, steps)
+        draw_fig8(samples, post, args.sigma_y, os.path.join(args.out, "fig8.png"))
+        text = fig8_tables(samples, args.sigma_y)
+        summary["fig8"] = {label: sample_stats(x) for label, x in samples.items()}
+        print(text)
+    if args.part in ("all", "observations"):
+        obs = observations(args.sigma_y, 100 if args.quick else 250,
+                           500 if args.quick else 10000, args.seed, steps)
+        summary["observations"] = obs
+        curves = {label: (obs["sigmas"], e) for label, e in obs["error"].items()}
+        draw_lines(curves, os.path.join(args.out, "observation_1.png"),
+                   "Observation I: implied score vs exact conditional score", "sigma",
+                   "sigma * RMS error", (1e-3, 10), (1e-3, 1e3))
+        means = {label: [(m["norm"], COLORS[0])] for label, m in obs["mean"].items()}
+        draw_bars(means, os.path.join(args.out, "observation_2.png"),
+                  f"Observation II: |mean score| at sigma = {obs['sigmas'][0]:g} (bar) vs "
+                  "standard error (line)", "norm of the mean over exact p(x_T | y) samples",
+                  (1e-4, 1e0), logx=True,
+                  reference=[(float(np.linalg.norm(obs["mean"]["exact conditional"]["se"])),
+                              "#d62728")])
+        ref = exact_stats(post)
+        stds = {label: [(st["std_x1"], COLORS[0]), (st["std_x2"], COLORS[1])]
+                for label, st in summary["fig8"].items()}
+        draw_bars(stds, os.path.join(args.out, "observation_3.png"),
+                  f"Observation III: std of x1 (blue), x2 (red); lines: exact, sigma_y = "
+                  f"{args.sigma_y:g}", "standard deviation", (0, 1.2),
+                  reference=[(ref["std_x1"], COLORS[0]), (ref["std_x2"], COLORS[1])])
+        text += "\n" + observation_tables(obs, samples)
+        print(observation_tables(obs, samples))
+    if args.part in ("all", "benchmark"):
+        full = args.part == "benchmark"
+        dims = args.dims or (DIMS if full else [8])
+        problems = args.problems or (20 if full else 2)
+        settings = [(5, 1.0)] if args.quick else SETTINGS
+        n_bench = 100 if args.quick else args.bench_samples
+        rows = []
+        jobs = len(dims) * len(args.dys) * len(settings)
+        bar = tqdm(total=jobs * problems, desc="benchmark problems")
+        for r in benchmark(dims, args.dys, settings, problems, n_bench, args.seed,
+                           [m for m in dmap.SAMPLERS], conc_n=50 if args.quick else 500):
+            rows.append(r)
+            if r["method"] == "exact posterior (floor)":
+                bar.update(1)
+        bar.close()
+        table = benchmark_tables(rows)
+        name = "benchmark" if full else "benchmark_slice"
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
+            f.write(f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}")
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(rows, f)
+        print(table)
+    if args.part != "benchmark":
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f)
+    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
