@@ -26,6 +26,8 @@ from torch import nn
 def read_config(folder: str) -> dict:
     """The config.json of a diffusers model folder, with a one-line error when it is not there."""
     path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such folder; check the path")
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: no config.json; expected a diffusers model folder "
                          "(config.json + *.safetensors)")
@@ -50,7 +52,7 @@ def find_weights(folder: str, stem: str) -> str:
 def open_checkpoint(path: str):
     """Open a safetensors file lazily (tensors are read one at a time, never all at once)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file; check the path (or set --model / SD2_MODEL)")
+        raise ValueError(f"{path}: no such file; check the path")
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises several types for a bad header
@@ -84,6 +86,9 @@ def load_state(model: nn.Module, path: str, rename: Rename, device=None, dtype=N
                 continue
             tensor = f.get_tensor(key)
             for name, fn in fns.items():
+                if name in state:
+                    raise ValueError(f"{path}: {key} gives {name} a second time; the file mixes "
+                                     "two layouts; re-download it")
                 t = tensor if fn is None else fn(tensor)
                 want = ours[name].shape
                 if t.shape != want:

@@ -224,7 +224,7 @@ def test_bad_input(tmp_path):
 
     key = "encoder.layers.0.mlp.fc1.weight"
     cases = {  # folder -> what the message must name
-        str(tmp_path / "absent"): "config.json",
+        str(tmp_path / "absent"): "no such folder",
         folder("no_weights"): "model.safetensors",
         folder("pickle", raw=b"\x80\x04not safetensors"): "not a readable safetensors",
         folder("missing", {k: v for k, v in state.items() if k != key}): "missing",

@@ -260,7 +260,7 @@ def test_bad_config():
 
 def test_bad_files(tiny, tmp_path):
     ref, folder = tiny
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="nowhere: no such folder"):
         load_vae(str(tmp_path / "nowhere"))
     empty = write_folder(tmp_path / "empty", {}, name="other.safetensors")
     with pytest.raises(ValueError, match="no diffusion_pytorch_model.safetensors"):
