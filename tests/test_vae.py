@@ -111,6 +111,10 @@ def test_legacy_attention_names(tiny, tmp_path):
     new = new.state_dict()
     for name, p in old.state_dict().items():  # the same tensors, hence the same outputs
         assert torch.equal(p, new[name]), name
+    # both spellings in one file fill the same parameters twice: an error, not a silent pick
+    mixed = state | load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="a second time"):
+        load_vae(write_folder(tmp_path / "mixed", mixed))
 
 
 def test_fp16_folder(tiny, tmp_path):
