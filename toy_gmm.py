@@ -378,15 +378,20 @@ def protocol_timesteps(n_steps, abar) -> list:
 
 
 def protocol_schedule(n_steps):
-    """The benchmark's timesteps in our sigma space: abar of the visited t in sampling order
-    (999 first, ending at abar_0 = 1), sigma_t = sqrt((1 - abar_t)/abar_t) (ending in 0), and
-    dps_jax's guidance as our per-step zeta. Derivation: the protocol subtracts
-    (zeta'/err) grad_{x_vp} err^2 = 2 zeta' grad_{x_vp} err from x_vp at t' = t_prev; with
-    x_ve = x_vp / sqrt(abar), grad_{x_vp} = grad_{x_ve} / sqrt(abar_t) and the result divides by
-    sqrt(abar_t'), so zeta_i = 2 zeta' / sqrt(abar_t abar_t'). Its unguided part is the DDPM
-    posterior mean, which in sigma space is exactly our eta = 1 ancestral mean, plus eta times
-    the ancestral noise; for eta < 1 our step is DDIM(eta) instead (same noise, a mean further
-    along x - x0_hat), so only eta = 1 reproduces the whole step (tests/test_toy_gmm.py)."""
+    """The benchmark's timesteps in our sigma space: abar of the n_steps visited t in sampling
+    order (999 first, ending at abar_0 = 1: n_steps - 1 transitions, as in dps_jax), sigma_t =
+    sqrt((1 - abar_t)/abar_t) (156.6 down to 0), and dps_jax's guidance as our per-step zeta.
+
+    x_ve = x_vp / sqrt(abar_t). The VP start N(0, I) at t = 999 is N(0, (sigma^2 + 1) I) here;
+    we start from sigmas[0] randn (contract 2), relative std error 2e-5. Guidance: the protocol
+    subtracts (zeta'/err) grad_{x_vp} err^2 = 2 zeta' grad_{x_vp} err from x_vp at t' = t_prev;
+    grad_{x_vp} = grad_{x_ve} / sqrt(abar_t) and the result is divided by sqrt(abar_t'), so
+    zeta_i = 2 zeta' / sqrt(abar_t abar_t'). Its unguided part, the DDPM posterior mean, is in
+    sigma space exactly our eta = 1 ancestral mean (coefficients sigma'^2/sigma^2 on x and
+    1 - sigma'^2/sigma^2 on x0_hat), plus eta times the eta = 1 ancestral noise. Our eta < 1
+    step draws the same noise but is DDIM(eta): its mean keeps more of x (sigma_down =
+    sqrt(sigma'^2 - sigma_up^2) instead of sigma'^2/sigma). So the guidance translates exactly
+    at every eta, the whole step only at eta = 1 (tests/test_toy_gmm.py)."""
     abar = protocol_abar()
     a = abar[protocol_timesteps(n_steps, abar)].flip(0)
     return a, ((1 - a) / a).sqrt(), 2 * ZETA_PROTOCOL / (a[:-1] * a[1:]).sqrt()
