@@ -336,7 +336,6 @@ def psld(denoiser, x, y, A, sigmas, *, adjoint, zeta=4.8, gamma=0.002, decode=la
     return x
 
 
-
 # ---------------------------------------------------------------------------------------------
 # (4) Loading SD 2.0: a diffusers pipeline folder or one single-file LDM checkpoint
 # ---------------------------------------------------------------------------------------------

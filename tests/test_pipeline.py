@@ -229,3 +229,36 @@ def test_read_image_modes(tmp_path):
         assert_close(x[0, 0], x[0, 2], 1e-6, what=name)  # gray stays gray
     a, b = (dmap.read_image(str(tmp_path / n), 32) for n in ("g.png", "16.png"))
     assert_close(a, b, 1e-2, rel=False, what="16-bit = 8-bit")
+
+
+def test_load_sd2_single_file(tmp_path, monkeypatch):
+    """One LDM checkpoint holds all three parts; load_sd2 splits it, defaults to eps, and encodes
+    the empty prompt without a tokenizer (tiny configs patched in for the full-size ones)."""
+    import functools
+
+    from safetensors.torch import save_file
+    from test_clip import openclip_state
+    from test_unet import ldm_state
+    from test_vae import random_ldm_state
+
+    import unet
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in openclip_state(clip.TINY, torch.Generator().manual_seed(0)).items()
+            if k.startswith("cond_stage_model.")}
+    autoencoder = {f"first_stage_model.{k}": v for k, v in random_ldm_state(vae.TINY).items()}
+    state = ldm_state(unet.UNet(unet.TINY).state_dict()) | autoencoder | text
+    path = tmp_path / "512-base-ema.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    for module, name, config in ((unet, "unet_from_single_file", unet.TINY),
+                                 (vae, "vae_from_single_file", vae.TINY),
+                                 (clip, "text_encoder_from_single_file", clip.TINY)):
+        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), config=config))
+    sd = dmap.load_sd2(str(path))
+    assert sd.prediction == "eps" and sd.tokenizer is None
+    assert torch.equal(sd.vae.decoder.conv_out.weight,
+                       state["first_stage_model.decoder.conv_out.weight"])
+    assert dmap.encode_prompt(sd, "").shape == (1, 77, clip.TINY.width)
+    with pytest.raises(ValueError, match="tokenizer/ folder"):
+        dmap.encode_prompt(sd, "a photo")
+    assert dmap.load_sd2(str(path), prediction="v", dtype=torch.float16).prediction == "v"
