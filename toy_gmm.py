@@ -857,14 +857,13 @@ def main():
         problems = args.problems or (20 if full else 2)
         settings = [(5, 1.0)] if args.quick else SETTINGS
         n_bench = 100 if args.quick else args.bench_samples
-        rows = []
-        jobs = len(dims) * len(args.dys) * len(settings)
-        bar = tqdm(total=jobs * problems, desc="benchmark problems")
-        for r in benchmark(dims, args.dys, settings, problems, n_bench, args.seed,
-                           [m for m in dmap.SAMPLERS], conc_n=50 if args.quick else 500):
+        rows, methods = [], list(dmap.SAMPLERS)
+        runs = len(dims) * len(args.dys) * len(settings) * problems * (len(methods) + 2)
+        bar = tqdm(total=runs, desc="benchmark (problem, method) runs")
+        for r in benchmark(dims, args.dys, settings, problems, n_bench, args.seed, methods,
+                           conc_n=50 if args.quick else 500):
             rows.append(r)
-            if r["method"] == "exact posterior (floor)":
-                bar.update(1)
+            bar.update(r["method"] != "concentration")
         bar.close()
         table = benchmark_tables(rows)
         name = "benchmark" if full else "benchmark_slice"

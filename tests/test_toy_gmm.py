@@ -122,6 +122,20 @@ def test_fig8_exact_mode_weights():
     assert abs(prior.posterior(A, y, 1.0).weights[0] - 0.2855) < 1e-3  # the issue's 0.71/0.29
 
 
+def test_implied_score_of_dps():
+    """The guided step as an ancestral step with a modified score: s - zeta g / (sigma^2 -
+    sigma_next^2) for dps; the unconditional score for ddpm; zero Monte Carlo variance."""
+    prior, A_mat, y = toy_gmm.fig8_problem()
+    x = prior.noisy(1.0).sample(50, torch.Generator().manual_seed(11))
+    _, _, g = dmap.measurement_grad(prior.denoiser, x, 1.0, y[None], lambda x0: x0 @ A_mat.T)
+    score, mc_var = toy_gmm.implied_score("dps", prior, A_mat, y, x, 1.0, 0.8, 0, repeats=4,
+                                          zeta=0.05)
+    assert_close(score, prior.score(x, 1.0) - 0.05 * g / (1.0 - 0.64), 1e-10, what="dps")
+    assert float(mc_var.max()) < 1e-20
+    score, _ = toy_gmm.implied_score("ddpm", prior, A_mat, y, x, 1.0, 0.8, 0, repeats=1)
+    assert_close(score, prior.score(x, 1.0), 1e-12, what="ddpm")
+
+
 def test_sliced_wasserstein():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(1000, 4, generator=g, dtype=F64)
