@@ -7,6 +7,8 @@ samplers of dmap.py unchanged on such priors:
 
     python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice (~1 min)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
+    python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~20 min on one core;
+                                                # d = 800 costs ~2 min per problem)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
