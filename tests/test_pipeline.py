@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, randomize
 from PIL import Image
 
 import clip
@@ -20,18 +20,6 @@ SD2_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0
                      prediction_type="epsilon", steps_offset=1, clip_sample=False,
                      set_alpha_to_one=False, skip_prk_steps=True)
 WIDTH = 32  # text width = cross-attention width of the tiny model
-
-
-def randomize(model, seed):
-    """Random weights everywhere (diffusers zero-initialises some layers), scaled to stay sane."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-    return model.eval()
 
 
 def tiny_pipeline(root):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, randomize
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
@@ -38,15 +38,6 @@ def diffusers_config(cfg: UNetConfig) -> dict:
     return {**SD2_DIFFUSERS, "block_out_channels": list(cfg.block_out_channels),
             "attention_head_dim": list(cfg.num_heads), "norm_num_groups": cfg.norm_num_groups,
             "cross_attention_dim": cfg.cross_attention_dim, "sample_size": 16}
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (diffusers' init leaves some at exactly 0 or 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

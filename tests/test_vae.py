@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, randomize
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
@@ -37,17 +37,6 @@ def diffusers_vae(config: dict) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0):
-    """Every tensor random, so any swapped or skipped weight shows in the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim == 1:  # biases, norm scales around 1
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-
-
 def astronaut(size: int = 64) -> torch.Tensor:
     """skimage's astronaut as a (1, 3, size, size) image in [-1, 1]."""
     x = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
