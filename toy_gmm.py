@@ -7,8 +7,8 @@ samplers of dmap.py unchanged on such priors:
 
     python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice (~1 min)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
-    python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~20 min on one core;
-                                                # d = 800 costs ~2 min per problem)
+                                    # (36 min on 2 cores; d = 800 is 30 of them)
+    python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~5 min)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
@@ -517,19 +517,22 @@ def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4
                 for name in ["exact posterior (floor)", "dps_protocol"] + methods:
                     for lo in range(0, problems, P):
                         group = range(lo, min(lo + P, problems))
-                        A, adjoint = stacked(torch.stack([cell[i][1] for i in group]).to(dtype))
-                        y = torch.cat([cell[i][2].expand(n, dy) for i in group]).to(dtype)
+                        A_mats = torch.stack([cell[i][1] for i in group])
+                        y = torch.cat([cell[i][2].expand(n, dy) for i in group])
                         t0 = time.time()
                         if name == "exact posterior (floor)":
                             x = torch.cat([posts[i].sample(n, g) for i in group])
-                        elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999
-                            x = torch.randn(len(y), d, generator=g, dtype=F64).to(dtype)
-                            x = dps_protocol(fast, x, y, A, abars, eta=eta, generator=g)
+                        elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999;
+                            # float64: in float32 its zeta / err step meets err = 0 at dy = 1
+                            x = torch.randn(len(y), d, generator=g, dtype=F64)
+                            x = dps_protocol(prior, x, y, stacked(A_mats)[0], abars, eta=eta,
+                                             generator=g)
                         else:
+                            A, adjoint = stacked(A_mats.to(dtype))
                             x = float(sigmas[0]) * torch.randn(len(y), d, generator=g, dtype=F64)
                             extra = dict(adjoint=adjoint) if name == "psld" else {}
-                            x = dmap.SAMPLERS[name](fast.denoiser, x.to(dtype), y, A, sigmas,
-                                                    generator=g, **extra, **hyper[name])
+                            x = dmap.SAMPLERS[name](fast.denoiser, x.to(dtype), y.to(dtype), A,
+                                                    sigmas, generator=g, **extra, **hyper[name])
                         x = x.double()
                         seconds = (time.time() - t0) / len(group)
                         for j, i in enumerate(group):
