@@ -431,9 +431,8 @@ ZETA = {"dps": (4.8, 0.6), "dsg": (0.08, 0.08), "dmap": (4.8, 0.6), "freedom": (
 # 500 steps: K 2 at 250 steps with zeta doubled.
 DMAP_SETTINGS = {"full": dict(steps=500, K=3, zeta_scale=1.0),
                  "same": dict(steps=250, K=2, zeta_scale=2.0)}
-# Method knobs the command exposes: flag name -> sampler keyword.
-KNOBS = {"K": "K", "gamma": "gamma", "repeats": "repeats", "window": "window", "at": "at",
-         "iters": "iters", "lr": "lr"}
+# Method knobs the command exposes; each flag is named as the sampler keyword it sets.
+KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
 
 
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
@@ -529,24 +528,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def settings(args) -> dict:
-    """The sampler's keyword arguments from the flags and the defaults; ValueError on nonsense."""
+def settings(args) -> tuple[int, dict]:
+    """The steps and the sampler's keyword arguments from the flags and the defaults;
+    ValueError on nonsense."""
     fn = SAMPLERS[args.method]
     params = inspect.signature(fn).parameters
     kwargs = {"eta": args.eta}
-    steps = args.steps or (DMAP_SETTINGS[args.dmap_setting]["steps"] if fn is dmap else 500)
+    default_steps = DMAP_SETTINGS[args.dmap_setting]["steps"] if fn is dmap else 500
+    steps = default_steps if args.steps is None else args.steps
     if "zeta" in params:
         zeta = ZETA[args.method][0 if args.op == "sr" else 1]
         if fn is dmap:
             zeta *= DMAP_SETTINGS[args.dmap_setting]["zeta_scale"]
             kwargs["K"] = DMAP_SETTINGS[args.dmap_setting]["K"]
         kwargs["zeta"] = zeta if args.zeta is None else args.zeta
-    for flag, name in KNOBS.items():
-        value = getattr(args, flag)
+    for name in KNOBS:
+        value = getattr(args, name)
         if value is not None:
             if name not in params:
-                raise ValueError(f"--{flag} does not apply to --method {args.method}")
+                raise ValueError(f"--{name} does not apply to --method {args.method}")
             kwargs[name] = tuple(value) if isinstance(value, list) else value
+    fractions = kwargs.get("window", ()) + kwargs.get("at", ())
     checks = [(steps >= 1, f"--steps must be >= 1, got {steps}"),
               (kwargs.get("zeta", 0) >= 0, f"--zeta must be >= 0, got {kwargs.get('zeta')}"),
               (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
@@ -554,18 +556,20 @@ def settings(args) -> dict:
               (args.sigma_y >= 0, f"--sigma-y must be >= 0, got {args.sigma_y}"),
               (args.size >= 8 and args.size % 8 == 0, f"--size must be a multiple of 8, got "
                f"{args.size}"),
-              (all(v >= 0 for k, v in kwargs.items() if k in ("gamma", "iters", "lr", "repeats")),
-               "--gamma, --iters, --lr and --repeats must be >= 0")]
+              (all(v >= 0 for k, v in kwargs.items() if k in ("gamma", "iters", "lr")),
+               "--gamma, --iters and --lr must be >= 0"),
+              (kwargs.get("repeats", 1) >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+              (all(0 <= f <= 1 for f in fractions), "--window and --at are loop fractions in "
+               f"[0, 1], got {list(fractions)}")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    return dict(kwargs, steps=steps)
+    return steps, kwargs
 
 
 def restore(args) -> dict:
     """Load everything, synthesise (or read) y, sample, write the outputs; returns the record."""
-    kwargs = settings(args)
-    steps = kwargs.pop("steps")
+    steps, kwargs = settings(args)
     stem = f"{os.path.splitext(os.path.basename(args.image))[0]}_{args.method}_{args.op}"
     paths = {k: os.path.join(args.out, f"{stem}{suffix}") for k, suffix in
              (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
