@@ -158,6 +158,7 @@ def test_cli_end_to_end(pipeline, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "astronaut_dmap_sr.png")), restored)
     # PSLD takes the pixel operator and its adjoint; --observed reads the image as y
     assert dmap.main(args + ["--method", "psld", "--op", "inpaint_random"]) == 0
+    assert dmap.main(args + ["--method", "ddpm", "--op", "blur"]) == 0  # no loss to show
     assert dmap.main([str(out / "astronaut_dmap_sr_y.png"), "--observed", "--model", root,
                       "--out", str(out), "--size", "64", "--steps", "2", "--method", "dps",
                       "--op", "sr"]) == 0
