@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -674,7 +675,7 @@ def draw_fig8(samples, post: GMM, sigma_y, path, cols=4, size=260):
         density_contours(ax, post)
         ax.draw.rectangle(ax.box, outline="black")
         ax.points(x[:500, 0].numpy(), x[:500, 1].numpy(), "#d62728", r=1.5)
-    image.save(path)
+    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
 
 
 def draw_lines(curves, path, title, xlabel, ylabel, xlim, ylim, logx=True, logy=True):
@@ -689,7 +690,7 @@ def draw_lines(curves, path, title, xlabel, ylabel, xlim, ylim, logx=True, logy=
         items.append((label, COLORS[j % len(COLORS)]))
     ax.box = (570, 40, 750, 460)  # the legend to the right of the data area
     ax.legend(items, corner="nw")
-    image.save(path)
+    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
 
 
 def draw_bars(groups, path, title, xlabel, xlim, logx=False, reference=None):
@@ -710,7 +711,7 @@ def draw_bars(groups, path, title, xlabel, xlim, logx=False, reference=None):
         for value, color in reference:
             px = ax.px(value, 0)[0]
             ax.draw.line([(px, box[1]), (px, box[3])], fill=color, width=2)
-    image.save(path)
+    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +801,11 @@ def benchmark_tables(rows) -> str:
     return out
 
 
+def write_text(path: str, text: str):
+    """Write a table atomically (dmap.write_atomic): a crash never leaves half a file."""
+    dmap.write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -879,16 +885,13 @@ def main():
         bar.close()
         table = benchmark_tables(rows)
         name = "benchmark" if full else "benchmark_slice"
-        with open(os.path.join(args.out, name + ".md"), "w") as f:
-            f.write(f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}")
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump(rows, f)
+        write_text(os.path.join(args.out, name + ".md"),
+                   f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}")
+        write_text(os.path.join(args.out, name + ".json"), json.dumps(rows))
         print(table)
     if args.part != "benchmark":
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f)
+        write_text(os.path.join(args.out, "summary.md"), text)
+        write_text(os.path.join(args.out, "summary.json"), json.dumps(summary))
     print(f"wrote {args.out} in {time.time() - t0:.0f} s")
 
 
