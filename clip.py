@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unet import find_weights, load_state, read_config
+from checkpoint import find_weights, load_state, read_config
 
 # ---------------------------------------------------------------------------------------------
 # (1) Tokenizer: text -> (B, 77) token ids, exactly as transformers' CLIPTokenizer on SD2's
@@ -174,7 +174,7 @@ class TextConfig:
         return cls(**{ours: cfg[theirs] for ours, theirs in names.items()})
 
 
-SD2 = TextConfig()
+SD2_TEXT = TextConfig()
 TINY = TextConfig(width=32, heads=4, layers=2, mlp_width=64)  # tests; real token ids still work
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ OPENCLIP_BLOCK = {  # OpenCLIP -> ours, inside block i; attn.in_proj_* is split 
 }
 
 
-def openclip_key(key: str, layers: int = SD2.layers):
+def openclip_key(key: str, layers: int = SD2_TEXT.layers):
     """Rename for `load_state`: an LDM single-file key -> ours, None to skip, or a q/k/v split."""
     if not key.startswith(PREFIX):
         return None  # UNet, VAE
@@ -311,7 +311,7 @@ def openclip_key(key: str, layers: int = SD2.layers):
     return f"encoder.layers.{i}.{OPENCLIP_BLOCK.get(module, module)}.{param}"
 
 
-def text_encoder_from_single_file(path: str, config: TextConfig = SD2, device=None,
+def text_encoder_from_single_file(path: str, config: TextConfig = SD2_TEXT, device=None,
                                   dtype=None) -> TextEncoder:
     """The text encoder of an LDM single-file checkpoint (`512-base-ema.safetensors` layout)."""
     with torch.device("meta"):

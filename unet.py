@@ -1,115 +1,24 @@
 """The Stable Diffusion 2.0 UNet (epsilon / v prediction), built by loops from a config.
 
-Reading order: (1) reading checkpoints, shared by vae.py, clip.py and cse.py; (2) the config;
-(3) the blocks; (4) the UNet; (5) loading the diffusers folder and the LDM single-file layouts.
+Reading order: (1) the config; (2) the blocks; (3) the UNet; (4) loading the diffusers folder
+and the LDM single-file layouts (checkpoint.py reads the files).
 Parameter names are diffusers' own, so a diffusers folder loads without renaming.
 """
 
 import functools
-import json
 import math
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# (1) Reading checkpoints (shared by every model file)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_config(folder: str) -> dict:
-    """The config.json of a diffusers model folder, with a one-line error when it is not there."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: no such folder; check the path")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder}: no config.json; expected a diffusers model folder "
-                         "(config.json + *.safetensors)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-download it") from None
-
-
-def find_weights(folder: str, stem: str) -> str:
-    """The weights of a diffusers folder: `stem.safetensors`, else `stem.fp16.safetensors`."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    if os.path.isfile(os.path.join(folder, f"{stem}.bin")):
-        raise ValueError(f"{folder}: only the pickle file {stem}.bin is there; download "
-                         f"{stem}.safetensors instead (pickles are not loaded)")
-    raise ValueError(f"{folder}: no {stem}.safetensors; download the model folder again")
-
-
-def open_checkpoint(path: str):
-    """Open a safetensors file lazily (tensors are read one at a time, never all at once)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file; check the path")
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises several types for a bad header
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e)[:80]}); "
-                         "it may be truncated or a pickle; re-download it") from None
-
-
-# rename(file_key) -> our key, None to skip the tensor, or {our_key: fn(tensor)} to split one
-# tensor into several (OpenCLIP's fused q/k/v projection).
-Rename = Callable[[str], "str | None | dict[str, Callable[[torch.Tensor], torch.Tensor]]"]
-
-
-def load_state(model: nn.Module, path: str, rename: Rename, device=None, dtype=None) -> nn.Module:
-    """Copy the tensors of the safetensors file `path` into `model` (built on the meta device).
-
-    Each tensor is read, converted to `dtype` on `device` and assigned, so peak memory is one
-    copy of the weights plus one tensor. A 1x1-conv weight fills a Linear weight of the same
-    numel (LDM VAE attention). Missing, unexpected or misshaped keys end in one ValueError that
-    names the file and the first offending keys.
-    """
-    ours = model.state_dict(keep_vars=True)
-    state, unexpected, misshaped = {}, [], []
-    with open_checkpoint(path) as f:
-        for key in f.keys():
-            target = rename(key)
-            if target is None:
-                continue
-            fns = {target: None} if isinstance(target, str) else target
-            if any(name not in ours for name in fns):
-                unexpected.append(key)
-                continue
-            tensor = f.get_tensor(key)
-            for name, fn in fns.items():
-                if name in state:
-                    raise ValueError(f"{path}: {key} gives {name} a second time; the file mixes "
-                                     "two layouts; re-download it")
-                t = tensor if fn is None else fn(tensor)
-                want = ours[name].shape
-                if t.shape != want:
-                    if t.shape == (*want, 1, 1):
-                        t = t.reshape(want)  # LDM 1x1 conv -> Linear
-                    else:
-                        misshaped.append(f"{key} {tuple(t.shape)} (expected {tuple(want)})")
-                        continue
-                use_dtype = dtype if t.is_floating_point() and dtype is not None else t.dtype
-                state[name] = t.to(device=device, dtype=use_dtype)
-    missing = [k for k in ours if k not in state]
-    for what, keys in (("misshaped", misshaped), ("unexpected", unexpected), ("missing", missing)):
-        if keys:
-            raise ValueError(f"{path}: {len(keys)} {what} keys for {type(model).__name__}, "
-                             f"first: {', '.join(keys[:3])}; is this the right model file?")
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
-
+from checkpoint import find_weights, load_state, read_config
 
 # ---------------------------------------------------------------------------------------------
-# (2) The config
+# (1) The config
 # ---------------------------------------------------------------------------------------------
 
 
@@ -138,7 +47,7 @@ class UNetConfig:
             raise ValueError(f"{path}: {what}; only Stable Diffusion 2.x UNets "
                              "(UNet2DConditionModel, linear projections) are supported")
 
-        # A ControlNetModel config describes the same encoder half (cse.py reads its extra keys).
+        # A ControlNetModel config describes the same encoder half (a ControlNet copies it).
         if cfg.get("_class_name") not in (None, "UNet2DConditionModel", "ControlNetModel"):
             fail(f"_class_name {cfg['_class_name']!r} is not UNet2DConditionModel")
         # Missing keys take diffusers' defaults (unet_2d_condition.py, UNet2DConditionModel).
@@ -201,14 +110,14 @@ _DIFFUSERS_FIXED = {
     "conv_out_kernel": 3,
 }
 
-SD2_BASE = UNetConfig()  # stable-diffusion-2-base and -2 (768-v): the same network
+SD2_UNET = UNetConfig()  # stable-diffusion-2-base and -2 (768-v): the same network
 # Tiny SD2-shaped UNet for tests: same block types, 12 skips, head dim 16.
 TINY = UNetConfig(block_out_channels=(32, 64, 64, 64), num_heads=(2, 4, 4, 4),
                   cross_attention_dim=48, norm_num_groups=8)
 
 
 # ---------------------------------------------------------------------------------------------
-# (3) The blocks
+# (2) The blocks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -444,7 +353,7 @@ class UpBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# (4) The UNet
+# (3) The UNet
 # ---------------------------------------------------------------------------------------------
 
 
@@ -513,7 +422,7 @@ class UNet(UNetEncoder):
 
 
 # ---------------------------------------------------------------------------------------------
-# (5) Loading: a diffusers folder, or an LDM single-file checkpoint
+# (4) Loading: a diffusers folder, or an LDM single-file checkpoint
 # ---------------------------------------------------------------------------------------------
 
 
@@ -573,7 +482,7 @@ def ldm_unet_key(key: str, layers_per_block: int = 2) -> str | None:
     return key
 
 
-def unet_from_single_file(path: str, config: UNetConfig = SD2_BASE, device=None,
+def unet_from_single_file(path: str, config: UNetConfig = SD2_UNET, device=None,
                           dtype=None) -> UNet:
     """The UNet of a single-file LDM checkpoint (e.g. 512-base-ema.safetensors; fp32/fp16/bf16).
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unet import find_weights, load_state, read_config
+from checkpoint import find_weights, load_state, read_config
 
 # ---------------------------------------------------------------------------------------------
 # (1) Config
@@ -66,7 +66,7 @@ class VAEConfig:
         )
 
 
-SD2 = VAEConfig()  # stabilityai/stable-diffusion-2(-base) vae/config.json
+SD2_VAE = VAEConfig()  # stabilityai/stable-diffusion-2(-base) vae/config.json
 TINY = VAEConfig(block_out_channels=(16, 32, 64, 64), norm_num_groups=8)  # SD2 structure, for tests
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """The KL autoencoder of latent diffusion (Rombach et al., CVPR 2022, arXiv:2112.10752)."""
 
-    def __init__(self, cfg: VAEConfig = SD2):
+    def __init__(self, cfg: VAEConfig = SD2_VAE):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
@@ -308,7 +308,7 @@ def ldm_vae_key(key: str, levels: int = 4) -> str | None:
     return name[1:].format(*numbers)
 
 
-def vae_from_single_file(path: str, config: VAEConfig = SD2, device=None, dtype=None) -> VAE:
+def vae_from_single_file(path: str, config: VAEConfig = SD2_VAE, device=None, dtype=None) -> VAE:
     """The VAE of an LDM single-file checkpoint (`512-base-ema.safetensors` layout)."""
     with torch.device("meta"):
         model = VAE(config)

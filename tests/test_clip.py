@@ -9,14 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, openclip_state
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from clip import (
-    SD2,
+    SD2_TEXT,
     TINY,
     TextConfig,
     TextEncoder,
@@ -77,29 +77,9 @@ def test_diffusers_folder_matches_transformers(tmp_path, act):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
-def openclip_state(cfg: TextConfig, generator: torch.Generator) -> dict:
-    """An LDM single file in SD2's layout: OpenCLIP text tower with one block more than SD2 uses."""
-    W, M = cfg.width, cfg.mlp_width
-    shapes = {"token_embedding.weight": (cfg.vocab_size, W),
-              "positional_embedding": (cfg.context, W), "ln_final.weight": (W,),
-              "ln_final.bias": (W,), "text_projection": (W, 16), "logit_scale": ()}
-    block = {"ln_1.weight": (W,), "ln_1.bias": (W,), "attn.in_proj_weight": (3 * W, W),
-             "attn.in_proj_bias": (3 * W,), "attn.out_proj.weight": (W, W),
-             "attn.out_proj.bias": (W,), "ln_2.weight": (W,), "ln_2.bias": (W,),
-             "mlp.c_fc.weight": (M, W), "mlp.c_fc.bias": (M,), "mlp.c_proj.weight": (W, M),
-             "mlp.c_proj.bias": (W,)}
-    for i in range(cfg.layers + 1):
-        shapes |= {f"transformer.resblocks.{i}.{k}": s for k, s in block.items()}
-    state = {f"cond_stage_model.model.{k}": 0.3 * torch.randn(s, generator=generator)
-             for k, s in shapes.items()}
-    state["model.diffusion_model.conv_in.weight"] = torch.randn(8, 4, 3, 3, generator=generator)
-    state["first_stage_model.encoder.conv_in.bias"] = torch.randn(8, generator=generator)
-    return state
-
-
 def test_single_file_matches_diffusers_conversion(tmp_path):
     # 23 blocks at toy width: diffusers drops exactly `resblocks.23` (its list of keys to ignore)
-    cfg = replace(TINY, layers=SD2.layers)
+    cfg = replace(TINY, layers=SD2_TEXT.layers)
     state = openclip_state(cfg, torch.Generator().manual_seed(0))
     save_file(state, tmp_path / "sd2.safetensors")
     ref = CLIPTextModel(hf_config(cfg)).eval()
@@ -115,15 +95,15 @@ def test_single_file_matches_diffusers_conversion(tmp_path):
 
 def test_sd2_names_shapes_and_size():
     with torch.device("meta"):
-        ours = TextEncoder(SD2).state_dict()
-        ref = CLIPTextModel(hf_config(SD2)).state_dict()
+        ours = TextEncoder(SD2_TEXT).state_dict()
+        ref = CLIPTextModel(hf_config(SD2_TEXT)).state_dict()
     ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
     assert sum(v.numel() for v in ours.values()) == 340_387_840  # sd2_formats.md §0.4
     hub = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,  # §1.4
                num_hidden_layers=23, max_position_embeddings=77, vocab_size=49408,
                hidden_act="gelu", layer_norm_eps=1e-05, projection_dim=512)
-    assert TextConfig.from_diffusers(hub) == SD2
+    assert TextConfig.from_diffusers(hub) == SD2_TEXT
 
 
 # ---------------------------------------------------------------------------------------------

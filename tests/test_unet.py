@@ -12,13 +12,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close, randomize
+from conftest import assert_close, ldm_state, randomize
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
 
 import unet
-from unet import SD2_BASE, TINY, UNetConfig, ldm_unet_key, load_unet, unet_from_single_file
+from unet import SD2_UNET, TINY, UNetConfig, ldm_unet_key, load_unet, unet_from_single_file
 
 # stabilityai/stable-diffusion-2-base unet/config.json (sd2_formats.md §1.1)
 SD2_DIFFUSERS = dict(
@@ -70,7 +70,7 @@ def random_residuals(model, x, t, context, seed=2):
 
 
 def test_config_from_diffusers():
-    assert UNetConfig.from_diffusers(SD2_DIFFUSERS) == SD2_BASE
+    assert UNetConfig.from_diffusers(SD2_DIFFUSERS) == SD2_UNET
     assert UNetConfig.from_diffusers(diffusers_config(TINY)) == TINY
 
 
@@ -136,58 +136,6 @@ def test_fp16_folder(reference, tmp_path):
 # LDM single-file layout, proven through diffusers' converter
 
 
-# Test-local inverse of convert_ldm_unet_checkpoint (LDM openaimodel.UNetModel names) for
-# layers_per_block = 2, i.e. 3 LDM input/output blocks per level.
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3",
-                  "conv_shortcut": "skip_connection"}
-_TOP_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0",
-               "conv_out": "out.2"}
-# Every name an SD 2 LDM UNet checkpoint has (openaimodel.py ResBlock, SpatialTransformer, ...).
-_LDM_NAME = re.compile(
-    r"model\.diffusion_model\.("
-    r"time_embed\.[02]|input_blocks\.0\.0|out\.[02]"
-    r"|input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[12]\.conv"
-    r"|(input_blocks\.\d+\.0|middle_block\.[02]|output_blocks\.\d+\.0)"
-    r"\.(in_layers\.[02]|emb_layers\.1|out_layers\.[03]|skip_connection)"
-    r"|(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)\.(norm|proj_in|proj_out"
-    r"|transformer_blocks\.0\.(norm[123]|attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2))))"
-    r"\.(weight|bias)")
-
-
-def to_ldm(key: str, keys) -> str:
-    stem, kind = key.rsplit(".", 1)
-    if stem in _TOP_TO_LDM:
-        return f"model.diffusion_model.{_TOP_TO_LDM[stem]}.{kind}"
-    part, level, sub, j, leaf = re.fullmatch(
-        r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(\w+)\.(\d+)\.(.+)", stem).groups()
-    level, j = int(level or 0), int(j)
-    leaf = _RESNET_TO_LDM.get(leaf, leaf) if sub == "resnets" else leaf
-    if part == "down_blocks":
-        name = (f"input_blocks.{3 * level + 3}.0.op" if sub == "downsamplers" else
-                f"input_blocks.{3 * level + j + 1}.{int(sub == 'attentions')}.{leaf}")
-    elif part == "mid_block":
-        name = f"middle_block.{1 if sub == 'attentions' else 2 * j}.{leaf}"
-    elif sub == "upsamplers":  # Upsample comes after the SpatialTransformer, if there is one
-        has_attention = any(k.startswith(f"up_blocks.{level}.attentions.") for k in keys)
-        name = f"output_blocks.{3 * level + 2}.{1 + has_attention}.conv"
-    else:
-        name = f"output_blocks.{3 * level + j}.{int(sub == 'attentions')}.{leaf}"
-    return f"model.diffusion_model.{name}.{kind}"
-
-
-def ldm_state(state: dict) -> dict:
-    """An LDM-named copy of a diffusers state dict, checked against diffusers' converter."""
-    ldm = {to_ldm(k, state): v for k, v in state.items()}
-    assert len(ldm) == len(state)
-    bad = [k for k in ldm if not _LDM_NAME.fullmatch(k)]
-    assert not bad, f"not LDM names: {bad[:3]}"
-    back = convert_ldm_unet_checkpoint(ldm, {"layers_per_block": 2})
-    assert back.keys() == state.keys() and all(back[k] is v for k, v in state.items())
-    return ldm
-
-
 # Keys of the other parts of a single-file checkpoint, which the UNet loader must skip.
 OTHER_PARTS = {"first_stage_model.encoder.conv_in.weight": torch.randn(2, 3, 3, 3),
                "cond_stage_model.model.ln_final.weight": torch.randn(4),
@@ -228,7 +176,7 @@ def test_ldm_key_other_parts():
 
 def test_full_size_names_and_shapes():
     with torch.device("meta"):
-        ours = unet.UNet(SD2_BASE)
+        ours = unet.UNet(SD2_UNET)
         ref = UNet2DConditionModel(**{k: v for k, v in SD2_DIFFUSERS.items()
                                       if not k.startswith("_")})
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
@@ -305,7 +253,7 @@ def test_full_size_parity():
     ref = randomize(UNet2DConditionModel(**{k: v for k, v in SD2_DIFFUSERS.items()
                                             if not k.startswith("_")}), seed=0)
     with torch.device("meta"):
-        ours = unet.UNet(SD2_BASE)
+        ours = unet.UNet(SD2_UNET)
     ours.load_state_dict(ref.state_dict(), assign=True)
     x, context = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 1024)
     t = torch.tensor([500.5])

@@ -7,12 +7,12 @@ import pytest
 import skimage.data
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize
+from conftest import assert_close, ldm_vae_state, random_ldm_state, randomize
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from vae import SD2, TINY, VAE, VAEConfig, ldm_vae_key, load_vae, vae_from_single_file
+from vae import SD2_VAE, TINY, VAE, VAEConfig, ldm_vae_key, load_vae, vae_from_single_file
 
 # stabilityai/stable-diffusion-2-base vae/config.json as on the Hub (sd2_formats.md §1.2)
 SD2_VAE_CONFIG = {
@@ -119,9 +119,9 @@ def test_fp16_folder(tiny, tmp_path):
 
 def test_sd2_names_shapes_and_count_equal_diffusers():
     """Full SD 2.0 size on the meta device: our parameters are diffusers' (names and shapes)."""
-    assert VAEConfig.from_diffusers(SD2_VAE_CONFIG) == SD2
+    assert VAEConfig.from_diffusers(SD2_VAE_CONFIG) == SD2_VAE
     with torch.device("meta"):
-        ref, ours = diffusers_vae(SD2_VAE_CONFIG), VAE(SD2)
+        ref, ours = diffusers_vae(SD2_VAE_CONFIG), VAE(SD2_VAE)
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert len(shapes) == 248  # sd2_formats.md §0.4
@@ -129,68 +129,6 @@ def test_sd2_names_shapes_and_count_equal_diffusers():
 
 
 # --- the LDM single-file layout --------------------------------------------------------------
-
-
-def ldm_vae_state(cfg: VAEConfig, make) -> dict:
-    """LDM AutoencoderKL names and shapes (ldm/modules/diffusionmodules/model.py Encoder,
-    Decoder, written out here, not taken from vae.py); `make(shape, bias)` makes each tensor."""
-    state = {}
-
-    def conv(name, cout, cin, k):  # attention q/k/v/proj_out too: 1x1 convs in LDM
-        state[f"{name}.weight"], state[f"{name}.bias"] = make((cout, cin, k, k)), make((cout,), 0)
-
-    def norm(name, c):
-        state[f"{name}.weight"], state[f"{name}.bias"] = make((c,), 1), make((c,), 0)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin, 3)
-        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cout, cin, 1)
-
-    def mid(name, c):
-        resnet(f"{name}.mid.block_1", c, c)
-        norm(f"{name}.mid.attn_1.norm", c)
-        for proj in ("q", "k", "v", "proj_out"):
-            conv(f"{name}.mid.attn_1.{proj}", c, c, 1)
-        resnet(f"{name}.mid.block_2", c, c)
-
-    ch, z, levels = cfg.block_out_channels, cfg.latent_channels, len(cfg.block_out_channels)
-    conv("encoder.conv_in", ch[0], cfg.channels, 3)
-    c = ch[0]
-    for i in range(levels):
-        for j in range(cfg.layers_per_block):
-            resnet(f"encoder.down.{i}.block.{j}", c, ch[i])
-            c = ch[i]
-        if i != levels - 1:
-            conv(f"encoder.down.{i}.downsample.conv", c, c, 3)
-    mid("encoder", c)
-    norm("encoder.norm_out", c)
-    conv("encoder.conv_out", 2 * z, c, 3)
-    conv("quant_conv", 2 * z, 2 * z, 1)
-    conv("post_quant_conv", z, z, 1)
-    conv("decoder.conv_in", c, z, 3)
-    mid("decoder", c)
-    for i in reversed(range(levels)):  # LDM builds up[i] from the lowest resolution, up[0] last
-        for j in range(cfg.layers_per_block + 1):
-            resnet(f"decoder.up.{i}.block.{j}", c, ch[i])
-            c = ch[i]
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", c, c, 3)
-    norm("decoder.norm_out", c)
-    conv("decoder.conv_out", cfg.channels, c, 3)
-    return state
-
-
-def random_ldm_state(cfg: VAEConfig, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(shape, base=None):
-        if base is None:  # weight
-            return torch.randn(shape, generator=gen) / torch.Size(shape[1:]).numel() ** 0.5
-        return base + 0.2 * torch.randn(shape, generator=gen)
-
-    return ldm_vae_state(cfg, make)
 
 
 # Other parts of a single-file checkpoint, to be skipped (sd2_formats.md §2.2)
@@ -226,9 +164,9 @@ def test_single_file_matches_diffusers_conversion(tmp_path, dtype):
 
 def test_ldm_names_at_sd2_size():
     """At full size, the LDM names map one-to-one onto ours (shapes up to the 1x1 convs)."""
-    ldm = ldm_vae_state(SD2, lambda shape, base=None: torch.empty(shape, device="meta"))
+    ldm = ldm_vae_state(SD2_VAE, lambda shape, base=None: torch.empty(shape, device="meta"))
     with torch.device("meta"):
-        ours = VAE(SD2).state_dict()
+        ours = VAE(SD2_VAE).state_dict()
     assert len(ldm) == 248
     mapped = {ldm_vae_key(f"first_stage_model.{k}"): v.shape for k, v in ldm.items()}
     assert mapped.keys() == ours.keys()
@@ -303,7 +241,7 @@ def test_sd2_decoder_matches_diffusers():
     """Full SD 2.0 decoder, random weights, 32x32 latent -> 256x256 image."""
     ref = diffusers_vae(SD2_VAE_CONFIG)
     randomize(ref)
-    ours = VAE(SD2).eval()
+    ours = VAE(SD2_VAE).eval()
     ours.load_state_dict(ref.state_dict())
     z = latents(1, 32)
     with torch.no_grad():
