@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from unet import load_state
+from checkpoint import load_state
 
 # ---------------------------------------------------------------------------------------------
 # (1) The base class
@@ -425,14 +425,16 @@ class Mask(Operator):
 
 
 class Inpaint(Mask):
-    """A box x box centre square removed (mask 0 inside); 128x128 at 512. Not in the official
-    code (notes §6.5); DPS's box mask (128x128 at 256) sits at a random position, ours is fixed
-    at the centre (DESIGN.md contract 3)."""
+    """A box x box centre square removed (mask 0 inside); by default a quarter of the side, the
+    paper's 128x128 at 512, so it scales with the image. Not in the official code
+    (docs/official_code.md §6.5); DPS's box mask (128x128 at 256) sits at a random position,
+    ours is fixed at the centre."""
 
-    def __init__(self, size: int = 512, box: int = 128):
+    def __init__(self, size: int = 512, box: int | None = None):
         super().__init__(size)
-        if not (isinstance(box, int) and 1 <= box <= size):
-            raise ValueError(f"box must be an integer in [1, size={size}], got {box}")
+        box = size // 4 if box is None else box
+        if not (isinstance(box, int) and 1 <= box < size):
+            raise ValueError(f"box must be an integer in [1, size={size}), got {box}")
         mask = torch.ones(1, 1, size, size)
         a = (size - box) // 2
         mask[..., a:a + box, a:a + box] = 0
