@@ -9,8 +9,8 @@ Kernels and masks are buffers built on CPU at construction, so they follow `.to(
 Reading order: (1) the base class; (2) SR (MATLAB bicubic); (3) Gaussian and motion blur;
 (4) nonlinear blur (bkse KernelWizard); (5) inpainting; the registry OPERATORS at the bottom.
 Sources: the official code `op.py` and DPS2022 `guided_diffusion/measurements.py`,
-`util/resizer.py`, `util/img_utils.py`, as described in notes/official_code.md §6 and
-notes/sd2_formats.md §5.3.
+`util/resizer.py`, `util/img_utils.py`, as described in docs/official_code.md §6 and
+docs/sd2_formats.md §5.3.
 """
 
 import math
@@ -44,7 +44,8 @@ class Operator(nn.Module):
                              f", got shape {tuple(x.shape)}; build the operator with size=H")
 
     def measure(self, x: torch.Tensor, sigma_y: float = 0.0, generator=None) -> torch.Tensor:
-        """y = A(x) + sigma_y * noise. The official code uses sigma_y = 0 (notes §6.6)."""
+        """y = A(x) + sigma_y * noise. The official code uses sigma_y = 0
+        (docs/official_code.md §6.6)."""
         if sigma_y < 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
         y = self(x)

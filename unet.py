@@ -438,7 +438,7 @@ def load_unet(folder: str, device=None, dtype=None) -> UNet:
     return load_state(model, path, lambda key: key, device, dtype)
 
 
-# LDM single-file names -> ours (sd2_formats.md §2.3, diffusers single_file_utils.py
+# LDM single-file names -> ours (docs/sd2_formats.md §2.3, diffusers single_file_utils.py
 # convert_ldm_unet_checkpoint). {b}: level, {j}: layer in the level; for input_blocks.i,
 # (b, j) = divmod(i - 1, L + 1), for output_blocks.i, divmod(i, L + 1), L = layers_per_block.
 _LDM_UNET = [

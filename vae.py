@@ -274,7 +274,7 @@ def load_vae(folder: str, device=None, dtype=None) -> VAE:
 
 
 # LDM module names -> diffusers, whole dotted names with level/resnet numbers as {}, applied in
-# order (sd2_formats.md §2.4; diffusers single_file_utils.convert_ldm_vae_checkpoint).
+# order (docs/sd2_formats.md §2.4; diffusers single_file_utils.convert_ldm_vae_checkpoint).
 LDM_VAE_NAMES = [
     (".down.{}.block.{}.", ".down_blocks.{}.resnets.{}."),
     (".down.{}.downsample.", ".down_blocks.{}.downsamplers.0."),

@@ -99,7 +99,7 @@ def test_sd2_names_shapes_and_size():
         ref = CLIPTextModel(hf_config(SD2_TEXT)).state_dict()
     ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
-    assert sum(v.numel() for v in ours.values()) == 340_387_840  # sd2_formats.md §0.4
+    assert sum(v.numel() for v in ours.values()) == 340_387_840  # docs/sd2_formats.md §0.4
     hub = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,  # §1.4
                num_hidden_layers=23, max_position_embeddings=77, vocab_size=49408,
                hidden_act="gelu", layer_norm_eps=1e-05, projection_dim=512)

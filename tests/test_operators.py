@@ -107,7 +107,7 @@ def test_seeds_differ():
 # --- SR: the Resizer matrix ---------------------------------------------------------------------
 
 def test_resizer_taps_match_notes():
-    # notes/sd2_formats.md §5.3: x4, 256 -> 64, output pixel 10, inputs 34..49
+    # docs/sd2_formats.md §5.3: x4, 256 -> 64, output pixel 10, inputs 34..49
     taps = [-0.001709, -0.010986, -0.018311, -0.011963, 0.022705, 0.097412, 0.181885, 0.240967,
             0.240967, 0.181885, 0.097412, 0.022705, -0.011963, -0.018311, -0.010986, -0.001709]
     M = SR(256, factor=4).M
@@ -168,7 +168,7 @@ def test_motion_kernel():
 # --- Nonlinear blur: KernelWizard ---------------------------------------------------------------
 
 def test_kernel_wizard_full_size_names():
-    # notes/sd2_formats.md §5.3: GOPRO_wVAE.pth holds 159 tensors, 115,265,475 params
+    # docs/sd2_formats.md §5.3: GOPRO_wVAE.pth holds 159 tensors, 115,265,475 params
     with torch.device("meta"):
         state = KernelWizard(GOPRO).state_dict()
     assert len(state) == 159

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import unet
 from unet import SD2_UNET, TINY, UNetConfig, ldm_unet_key, load_unet, unet_from_single_file
 
-# stabilityai/stable-diffusion-2-base unet/config.json (sd2_formats.md §1.1)
+# stabilityai/stable-diffusion-2-base unet/config.json (docs/sd2_formats.md §1.1)
 SD2_DIFFUSERS = dict(
     _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=[5, 10, 20, 20],
     block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,

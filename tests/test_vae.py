@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vae import SD2_VAE, TINY, VAE, VAEConfig, ldm_vae_key, load_vae, vae_from_single_file
 
-# stabilityai/stable-diffusion-2-base vae/config.json as on the Hub (sd2_formats.md §1.2)
+# stabilityai/stable-diffusion-2-base vae/config.json as on the Hub (docs/sd2_formats.md §1.2)
 SD2_VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.8.0",
@@ -124,14 +124,14 @@ def test_sd2_names_shapes_and_count_equal_diffusers():
         ref, ours = diffusers_vae(SD2_VAE_CONFIG), VAE(SD2_VAE)
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert len(shapes) == 248  # sd2_formats.md §0.4
+    assert len(shapes) == 248  # docs/sd2_formats.md §0.4
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
 
 
 # --- the LDM single-file layout --------------------------------------------------------------
 
 
-# Other parts of a single-file checkpoint, to be skipped (sd2_formats.md §2.2)
+# Other parts of a single-file checkpoint, to be skipped (docs/sd2_formats.md §2.2)
 OTHER_KEYS = {
     "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
     "cond_stage_model.model.ln_final.weight": torch.ones(1024),
