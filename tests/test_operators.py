@@ -207,26 +207,27 @@ def test_kernel_wizard_safetensors_round_trip(tmp_path):
 
 # --- Bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda: SR(512, factor=0),
-    lambda: SR(512, factor=2.5),
-    lambda: SR(100, factor=8),
-    lambda: SR(0),
-    lambda: Blur(kernel_size=60),
-    lambda: Blur(std=-1.0),
-    lambda: Blur(std=0.0),
-    lambda: Blur(kernel_size=15, std=3.0),
-    lambda: Blur(size=20),
-    lambda: MotionBlur(kernel_size=8),
-    lambda: MotionBlur(intensity=1.5),
-    lambda: NonlinearBlur(100, weights=KernelWizard(TINY)),
-    lambda: Inpaint(64, box=100),
-    lambda: Inpaint(64, box=0),
-    lambda: InpaintRandom(64, fraction=1.0),
-    lambda: InpaintRandom(64, fraction=-0.1),
-    lambda: SR(64, factor=4)(torch.zeros(1, 3, 32, 32)),
-    lambda: Inpaint(64, box=16).measure(torch.zeros(1, 3, 64, 64), sigma_y=-1.0),
+@pytest.mark.parametrize("make, message", [
+    (lambda: SR(512, factor=0), "factor must be an integer >= 1"),
+    (lambda: SR(512, factor=2.5), "factor must be an integer >= 1"),
+    (lambda: SR(100, factor=8), "divisible by 8, got 100"),
+    (lambda: SR(0), "size must be a positive integer"),
+    (lambda: Blur(kernel_size=60), "kernel_size must be a positive odd integer, got 60"),
+    (lambda: Blur(std=-1.0), "std must be > 0"),
+    (lambda: Blur(std=0.0), "std must be > 0"),
+    (lambda: Blur(kernel_size=15, std=3.0), "too wide for a 15x15 kernel"),
+    (lambda: Blur(size=20), "needs images larger than 30 px"),
+    (lambda: MotionBlur(kernel_size=8), "kernel_size must be a positive odd integer, got 8"),
+    (lambda: MotionBlur(intensity=1.5), r"intensity must be in \[0, 1\]"),
+    (lambda: NonlinearBlur(100, weights=KernelWizard(TINY)), "divisible by 128, got 100"),
+    (lambda: Inpaint(64, box=100), r"box must be an integer in \[1, size=64\), got 100"),
+    (lambda: Inpaint(64, box=0), r"box must be an integer in \[1, size=64\), got 0"),
+    (lambda: InpaintRandom(64, fraction=1.0), r"fraction .* must be in \[0, 1\), got 1.0"),
+    (lambda: InpaintRandom(64, fraction=-0.1), r"fraction .* must be in \[0, 1\), got -0.1"),
+    (lambda: SR(64, factor=4)(torch.zeros(1, 3, 32, 32)), "expects NCHW images of 64x64"),
+    (lambda: Inpaint(64, box=16).measure(torch.zeros(1, 3, 64, 64), sigma_y=-1.0),
+     "sigma_y must be >= 0"),
 ])
-def test_bad_input(make):
-    with pytest.raises(ValueError):
+def test_bad_input(make, message):
+    with pytest.raises(ValueError, match=message):
         make()
