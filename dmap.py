@@ -5,11 +5,12 @@ Maximizing a Posterior", ICLR 2025, arXiv 2501.18913. Restore an image:
 
     python dmap.py --method dmap --op blur img.png
 
-Reading order: (1) the noise schedule in sigma space; (2) the denoiser (Tweedie, Eq. 4) and the
-unguided Euler-ancestral step; (3) the samplers, one function each with one signature; (4) loading
-SD 2.0; (5) the restoration command. Every sampler works in "variance exploding" coordinates,
-x = x0 + sigma * noise, as the official code does (diffusers' Euler-ancestral scheduler runs on
-latents scaled by sqrt(1 + sigma^2)), so the paper's step sizes zeta carry over unchanged.
+Reading order: (1)-(3) are model-free and run unchanged on the exact toy priors of toy_gmm.py:
+(1) the Karras schedule; (2) the unguided Euler-ancestral step; (3) the samplers, one function
+each with one signature. Then (4) Stable Diffusion 2.0: its schedule, its denoiser (Tweedie,
+Eq. 4) and loading; (5) the restoration command. Every sampler works in "variance exploding"
+coordinates, x = x0 + sigma * noise, as the official code does (diffusers' Euler-ancestral
+scheduler runs on latents scaled by sqrt(1 + sigma^2)), so the paper's step sizes carry over.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -29,30 +31,13 @@ from tqdm import tqdm
 
 import clip
 import operators
+import plot
 import unet
 import vae
 
 # ---------------------------------------------------------------------------------------------
-# (1) Noise schedules: pure functions returning descending sigmas that end in 0
+# (1) A noise schedule: descending sigmas that end in 0 (Stable Diffusion's is in section (4))
 # ---------------------------------------------------------------------------------------------
-
-
-def sd_abar(beta_start=0.00085, beta_end=0.012, n=1000) -> torch.Tensor:
-    """alpha_bar_t of SD 2.0 ("scaled_linear": betas = linspace(sqrt(b0), sqrt(b1))^2, float32 as
-    diffusers computes them; LDM uses float64, |d abar| <= 5e-7)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def sd_sigmas(steps: int, abar: torch.Tensor) -> torch.Tensor:
-    """The official schedule: diffusers' Euler-ancestral "linspace" spacing (official_code.md
-    §2.2): fractional timesteps linspace(999, 0, steps), sigma_t = sqrt((1-abar)/abar)
-    interpolated linearly in t, then a final 0. 500 steps: sigma_max 14.6146."""
-    t = torch.linspace(0, len(abar) - 1, steps, dtype=torch.float32).flip(0).double()
-    table = ((1 - abar) / abar).sqrt().double()
-    lo = t.floor().long().clamp(max=len(abar) - 2)
-    sigmas = torch.lerp(table[lo], table[lo + 1], t - lo)  # np.interp, as diffusers does
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -63,40 +48,10 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
-def sigma_to_t(sigma: float, table: torch.Tensor) -> float:
-    """The fractional timestep whose sigma this is (inverts sd_sigmas' linear interpolation);
-    table = sqrt((1 - abar) / abar), float64, increasing in t."""
-    sigma = min(max(sigma, table[0].item()), table[-1].item())
-    hi = min(max(int(torch.searchsorted(table, torch.tensor([sigma], dtype=table.dtype))), 1),
-             len(table) - 1)
-    return hi - 1 + (sigma - table[hi - 1].item()) / (table[hi] - table[hi - 1]).item()
-
-
 # ---------------------------------------------------------------------------------------------
-# (2) The denoiser (Tweedie's formula) and the unguided Euler-ancestral step
+# (2) The unguided Euler-ancestral step; the denoiser is any callable denoiser(x, sigma) ->
+#     x0_hat = E[x0 | x] (Tweedie, Eq. 4): SDDenoiser below, or toy_gmm's exact GMM.denoiser
 # ---------------------------------------------------------------------------------------------
-
-
-class SDDenoiser:
-    """denoiser(x, sigma) -> x0_hat = E[x0 | x] for SD 2.0 latents (contract 1 of DESIGN.md).
-
-    The UNet sees x / sqrt(sigma^2 + 1) (diffusers' scale_model_input) at the fractional timestep
-    of sigma, with the text context `context` (1, 77, 1024) shared by the whole batch.
-    """
-
-    def __init__(self, unet, context: torch.Tensor, abar: torch.Tensor, prediction: str = "eps"):
-        assert prediction in ("eps", "v"), prediction
-        self.unet, self.context, self.prediction = unet, context, prediction
-        self.table = ((1 - abar) / abar).sqrt().double()
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        sigma = float(sigma)
-        t = torch.full((x.shape[0],), sigma_to_t(sigma, self.table), device=x.device)
-        out = self.unet(x / math.sqrt(sigma**2 + 1), t, self.context.expand(x.shape[0], -1, -1))
-        if self.prediction == "eps":
-            return x - sigma * out  # Tweedie, Eq. 4: x0_hat = x - sigma * eps_hat
-        # v-prediction (768-v model): x0 = sqrt(abar) x_vp - sqrt(1 - abar) v, in sigma space
-        return x / (sigma**2 + 1) - out * sigma / math.sqrt(sigma**2 + 1)
 
 
 def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -122,14 +77,24 @@ def ancestral_step(x, x0_hat, sigma: float, sigma_next: float, eta=1.0, generato
 
 # ---------------------------------------------------------------------------------------------
 # (3) The samplers: method(denoiser, x, y, A, sigmas, *, hyper-parameters, eta, generator,
-#     callback) -> x0. Every batch element is an independent sample: losses, norms and sphere
-#     radii are per sample, so 2000 particles of a toy prior and one SD latent share the code.
+#     callback) -> x0. A maps the denoiser's space to the measurement space (for SD latents
+#     A(z) = H(decode(z)), H the pixel operator). Every batch element is an independent sample:
+#     losses, norms and sphere radii are per sample, so 2000 particles of a toy prior and one SD
+#     latent share the code. The callback gets, after step i: x (the returned x_{t-1}), sigma
+#     (= sigmas[i]), x0_hat (= x0_hat(x_t) at sigma), and loss (||A(x0_hat) - y|| per sample;
+#     DMAP: at the returned point; ddpm: None).
 # ---------------------------------------------------------------------------------------------
 
 
 def per_step(value, sigmas: torch.Tensor) -> list:
     """A hyper-parameter as one float per step: a float, or a tensor of len(sigmas) - 1 values."""
     return torch.as_tensor(value, dtype=torch.float64).broadcast_to(len(sigmas) - 1).tolist()
+
+
+def loop_step(fraction: float, n: int) -> int:
+    """The step of an n-step loop at a loop fraction, the nearest one, halves rounded up
+    (FreeDOM's window, ReSample's stops): 0.2 of 500 is step 100, as the official code's."""
+    return math.floor(fraction * n + 0.5)
 
 
 def sample_norm(v: torch.Tensor) -> torch.Tensor:
@@ -172,7 +137,7 @@ def dps(denoiser, x, y, A, sigmas, *, zeta=4.8, eta=1.0, generator=None, callbac
 
     The official order (pipe.py:4100-4140): the ancestral step from x_t first, then a step of
     size zeta against the gradient of ||A(x0_hat(x_t)) - y|| w.r.t. x_t.
-    zeta: 4.8 for SR x8, 0.6 for Gaussian blur (official Record.md).
+    zeta: 4.8 for SR x8, 0.6 for Gaussian blur (official Record.md; docs/official_code.md §5).
     """
     s, zetas = sigmas.tolist(), per_step(zeta, sigmas)
     for i in range(len(s) - 1):
@@ -216,26 +181,28 @@ def dmap(denoiser, x, y, A, sigmas, *, zeta=4.8, K=3, eta=1.0, generator=None, c
     at the ancestral sample, then K times take a gradient step on ||A(x0_hat(x_{t-1})) - y|| w.r.t.
     x_{t-1} (a fresh denoiser call at the NEXT sigma) and project back onto the sphere of radius
     sqrt(n) sigma_up around the ancestral mean mu (official run_dsg_max, pipe.py:5764-5779).
-    The last step has sigma_up = 0 and returns mu, as the official code does.
+    The last step has sigma_up = 0 and returns mu, as the official code does. Each step's first
+    (gradient-free) denoiser call is made at the end of the step before, on the point it returns,
+    so the callback's loss is measured there (a decoder pass, only when there is a callback).
     Paper settings: "DMAP (full)" K=3 at 500 steps; "DMAP (same)" K=2 at 250 steps, zeta doubled.
     """
     if K < 1:
         raise ValueError(f"DMAP needs K >= 1 inner steps, got {K}")
     s, zetas = sigmas.tolist(), per_step(zeta, sigmas)
     root_n = math.sqrt(x[0].numel())
+    x0_hat = denoiser(x, s[0])
     for i in range(len(s) - 1):
-        x0_hat = denoiser(x, s[i])
         x_next, mu, sigma_up = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
-        if sigma_up > 0:
-            for _ in range(K):
-                x0_hat, loss, grad = measurement_grad(denoiser, x_next, s[i + 1], y, A)
-                x_star = x_next - zetas[i] * grad  # gradient step on x_{t-1}
-                x_next = mu + (x_star - mu) / sample_norm(x_star - mu) * (root_n * sigma_up)
-        else:  # radius 0: the sphere is the point mu (last step, or eta = 0)
-            x_next, loss = mu, (A(x0_hat) - y).flatten(1).norm(dim=1)
-        x = x_next
+        for _ in range(K if sigma_up > 0 else 0):  # radius 0: the sphere is the point mu
+            _, _, grad = measurement_grad(denoiser, x_next, s[i + 1], y, A)  # inner x0_hat unused
+            x_star = x_next - zetas[i] * grad  # gradient step on x_{t-1}
+            x_next = mu + (x_star - mu) / sample_norm(x_star - mu) * (root_n * sigma_up)
+        # x0_hat(x_{t-1}), the next step's start; at sigma = 0 Tweedie's denoiser is the identity
+        x0_next = denoiser(x_next, s[i + 1]) if s[i + 1] > 0 else x_next
         if callback is not None:
-            callback(dict(i=i, sigma=s[i], x=x, x0_hat=x0_hat, loss=loss))
+            loss = (A(x0_next) - y).flatten(1).norm(dim=1)  # at the returned point
+            callback(dict(i=i, sigma=s[i], x=x_next, x0_hat=x0_hat, loss=loss))
+        x, x0_hat = x_next, x0_next
     return x
 
 
@@ -244,14 +211,15 @@ def freedom(denoiser, x, y, A, sigmas, *, zeta=4.8, repeats=2, window=(0.2, 0.5)
             generator=None, callback=None):
     """FreeDOM: Yu et al., ICCV 2023, arXiv 2303.09833, Algorithm 1; Eq. 36 of Xu et al.
 
-    DPS steps, with "time travel" inside `window` (fractions of the loop, inclusive): after a
-    guided step to sigma_next, re-noise back to sigma (x += sqrt(sigma^2 - sigma_next^2) eps)
-    and redo the step, `repeats` times in all. Official public code (ddps main.py:44-46): K=2
-    for loop steps 100..250 of 500. The dev code's VP re-noising on VE latents is a bug we skip.
+    DPS steps, with "time travel" inside `window` (loop fractions, both ends included, loop_step):
+    after a guided step to sigma_next, re-noise back to sigma (x += sqrt(sigma^2 - sigma_next^2)
+    eps) and redo the step, `repeats` times in all. Official public code (ddps main.py:44-46):
+    K=2 for loop steps 100..250 of 500. The dev code's VP re-noising on VE latents is a bug we
+    skip (docs/official_code.md §4.4).
     """
     s, zetas = sigmas.tolist(), per_step(zeta, sigmas)
     n = len(s) - 1
-    first, last = int(window[0] * n), int(window[1] * n)
+    first, last = loop_step(window[0], n), loop_step(window[1], n)
     for i in range(n):
         for r in range(repeats if first <= i <= last else 1):
             if r > 0:  # time travel: x_t = x_{t-1} + sqrt(sigma_t^2 - sigma_{t-1}^2) eps
@@ -266,20 +234,21 @@ def freedom(denoiser, x, y, A, sigmas, *, zeta=4.8, repeats=2, window=(0.2, 0.5)
 
 @torch.no_grad()
 def resample(denoiser, x, y, A, sigmas, *, zeta=4.8, at=(0.1, 0.2), gamma=40.0, iters=200,
-             lr=5e-3, eta=1.0, generator=None, callback=None):
+             lr=5e-3, tol=1e-6, eta=1.0, generator=None, callback=None):
     """ReSample: Song et al., ICLR 2024, arXiv 2307.08123, Algorithm 1; Eq. 37-39 of Xu et al.
 
-    DPS steps; at the loop fractions `at` (official: steps 50 and 100 of 500) hard data
-    consistency: (i) optimise x0* = argmin_z ||y - A(z)||^2 from x0_hat (official rsp_lo: AdamW,
-    lr 5e-3, 200 iterations, stop below 1e-6); (ii) stochastic resampling: draw x_{t-1} from the
-    product of N(x0*, sigma_{t-1}^2) (forward diffusion of x0*) and N(x'_{t-1}, tau^2) (the
-    unconditional sample), tau^2 = gamma (1-a')/(1-a) (1-a/a') / a', a = abar_t, a' = abar_{t-1}.
+    DPS steps; at the loop fractions `at` (loop_step; official: steps 50 and 100 of 500) hard
+    data consistency: (i) optimise x0* = argmin_z ||y - A(z)||^2 from x0_hat (official rsp_lo:
+    AdamW, lr 5e-3, 200 iterations, stop once every sample's mean squared error is below tol =
+    1e-6); (ii) stochastic resampling: draw x_{t-1} from the product of N(x0*, sigma_{t-1}^2)
+    (forward diffusion of x0*) and N(x'_{t-1}, tau^2) (the unconditional sample), tau^2 = gamma
+    (1-a')/(1-a) (1-a/a') / a', a = abar_t, a' = abar_{t-1}.
     Departure from the official code: it reads abar at the loop counter and applies the VP
-    formula to VE latents (official_code.md §4.5); we use the sigmas of the step, in VE form.
+    formula to VE latents (docs/official_code.md §4.5); we use the step's sigmas, in VE form.
     """
     s, zetas = sigmas.tolist(), per_step(zeta, sigmas)
     n = len(s) - 1
-    stops = {round(f * n) for f in at}
+    stops = {loop_step(f, n) for f in at}
     for i in range(n):
         x0_hat, loss, grad = measurement_grad(denoiser, x, s[i], y, A)
         x_next, _, _ = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
@@ -290,7 +259,7 @@ def resample(denoiser, x, y, A, sigmas, *, zeta=4.8, at=(0.1, 0.2), gamma=40.0, 
             with torch.enable_grad():
                 for _ in range(iters):
                     mse = (A(z) - y).pow(2).flatten(1).mean(dim=1)  # per sample
-                    if bool((mse < 1e-6).all()):
+                    if bool((mse < tol).all()):
                         break
                     opt.zero_grad()
                     mse.sum().backward()
@@ -306,16 +275,18 @@ def resample(denoiser, x, y, A, sigmas, *, zeta=4.8, at=(0.1, 0.2), gamma=40.0, 
 
 
 @torch.no_grad()
-def psld(denoiser, x, y, A, sigmas, *, adjoint, zeta=4.8, gamma=0.002, decode=lambda z: z,
-         encode=lambda x: x, eta=1.0, generator=None, callback=None):
+def psld(denoiser, x, y, A, sigmas, *, H, adjoint, decode, encode, zeta=4.8, gamma=0.002,
+         eta=1.0, generator=None, callback=None):
     """PSLD: Rout et al., NeurIPS 2023, arXiv 2307.00619, Algorithm 2; Eq. 35 of Xu et al.
 
-    DPS on latents plus the "gluing" term gamma ||E(A^T y + (I - A^T A) D(x0_hat)) - x0_hat||,
-    which asks x0_hat to be a fixed point of decode -> project onto {A x = y} -> encode.
-    Unlike the other samplers, A here is the PIXEL-space operator and `adjoint` its true
-    adjoint A^T; decode/encode map latents to images and back (identity in pixel space).
-    The official code used nearest upsampling as A^T for SR and the identity for blur
-    (official_code.md §4.6); we use the true adjoint. gamma: 0.002 (official dev code).
+    DPS on latents plus the "gluing" term gamma ||E(H^T y + (I - H^T H) D(x0_hat)) - x0_hat||,
+    which asks x0_hat to be a fixed point of decode -> project onto {H x = y} -> encode. Besides
+    A = H o decode it needs its factors: the pixel operator H, its true adjoint H^T (`adjoint`),
+    `decode` D and `encode` E (in pixel space, as in toy_gmm.py, H = A and D = E = identity).
+    A(x0_hat) is computed as H(D(x0_hat)), which it equals, so one decoder pass serves the loss
+    and the gluing term. The official code used nearest upsampling as H^T for SR and the
+    identity for blur (docs/official_code.md §4.6); we use the true adjoint. gamma: 0.002
+    (official dev code).
     """
     s, zetas = sigmas.tolist(), per_step(zeta, sigmas)
     for i in range(len(s) - 1):
@@ -323,9 +294,9 @@ def psld(denoiser, x, y, A, sigmas, *, adjoint, zeta=4.8, gamma=0.002, decode=la
             xg = x.detach().requires_grad_(True)
             x0_hat = denoiser(xg, s[i])
             image = decode(x0_hat)
-            Ax = A(image)
-            loss = (Ax - y).flatten(1).norm(dim=1)
-            glued = encode(adjoint(y) + image - adjoint(Ax))
+            Hx = H(image)  # = A(x0_hat)
+            loss = (Hx - y).flatten(1).norm(dim=1)
+            glued = encode(adjoint(y) + image - adjoint(Hx))
             total = loss + gamma * (glued - x0_hat).flatten(1).norm(dim=1)  # Eq. 35
             (grad,) = torch.autograd.grad(total.sum(), xg)
         x_next, _, _ = ancestral_step(x, x0_hat.detach(), s[i], s[i + 1], eta, generator)
@@ -335,16 +306,77 @@ def psld(denoiser, x, y, A, sigmas, *, adjoint, zeta=4.8, gamma=0.002, decode=la
     return x
 
 
+SAMPLERS = {"ddpm": ddpm, "dps": dps, "dsg": dsg, "dmap": dmap, "freedom": freedom,
+            "resample": resample, "psld": psld}
+
+
+def model_parts(method: str, **parts) -> dict:
+    """The keyword-only parts a sampler takes beyond A (PSLD: H, adjoint, decode, encode),
+    picked by name from `parts`, so that every caller treats every method alike."""
+    wanted = inspect.signature(SAMPLERS[method]).parameters
+    return {name: part for name, part in parts.items() if name in wanted}
+
+
 # ---------------------------------------------------------------------------------------------
-# (4) Loading SD 2.0: a diffusers pipeline folder or one single-file LDM checkpoint
+# (4) Stable Diffusion 2.0: its schedule in sigma space, its denoiser, loading the weights
 # ---------------------------------------------------------------------------------------------
+
+
+def sd_abar(beta_start=0.00085, beta_end=0.012, n=1000) -> torch.Tensor:
+    """alpha_bar_t of SD 2.0 ("scaled_linear": betas = linspace(sqrt(b0), sqrt(b1))^2, float32 as
+    diffusers computes them; LDM uses float64, |d abar| <= 5e-7)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def sd_sigmas(steps: int, abar: torch.Tensor) -> torch.Tensor:
+    """The official schedule, bit for bit diffusers' EulerAncestralDiscreteScheduler
+    .set_timesteps with "linspace" spacing (docs/official_code.md §2.2): fractional timesteps
+    linspace(999, 0, steps) (float64, rounded to float32), sigma_t = sqrt((1 - abar) / abar)
+    (float32) interpolated linearly in t (np.interp, float64), a final 0, rounded to float32.
+    500 steps: sigma_max 14.6146."""
+    t = np.linspace(0, len(abar) - 1, steps, dtype=np.float32)[::-1]
+    table = (((1 - abar) / abar) ** 0.5).numpy()
+    sigmas = np.interp(t, np.arange(len(abar)), table)
+    return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+
+
+def sigma_to_t(sigma: float, table: np.ndarray) -> float:
+    """The fractional timestep whose sigma this is: the inverse of sd_sigmas' interpolation,
+    np.interp of the same table with the axes swapped (table = sqrt((1 - abar) / abar),
+    increasing in t; sigmas outside it clamp to t = 0 or the last t)."""
+    return float(np.interp(sigma, table, np.arange(len(table))))
+
+
+class SDDenoiser:
+    """denoiser(x, sigma) -> x0_hat = E[x0 | x] for SD 2.0 latents.
+
+    The UNet sees x / sqrt(sigma^2 + 1) (diffusers' scale_model_input) at the fractional timestep
+    of sigma, with the text context `context` (1, 77, 1024) shared by the whole batch.
+    """
+
+    def __init__(self, unet, context: torch.Tensor, abar: torch.Tensor, prediction: str = "eps"):
+        assert prediction in ("eps", "v"), prediction
+        self.unet, self.context, self.prediction = unet, context, prediction
+        self.table = (((1 - abar) / abar) ** 0.5).double().numpy()
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        sigma = float(sigma)
+        t = torch.full((x.shape[0],), sigma_to_t(sigma, self.table), device=x.device)
+        out = self.unet(x / math.sqrt(sigma**2 + 1), t, self.context.expand(x.shape[0], -1, -1))
+        if self.prediction == "eps":
+            return x - sigma * out  # Tweedie, Eq. 4: x0_hat = x - sigma * eps_hat
+        # v-prediction (768-v model): x0 = sqrt(abar) x_vp - sqrt(1 - abar) v, in sigma space
+        return x / (sigma**2 + 1) - out * sigma / math.sqrt(sigma**2 + 1)
+
 
 HUB_REPO = "stabilityai/stable-diffusion-2-base"
-FETCH = (f"hf download {HUB_REPO} --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' "
-         "'scheduler/*' --exclude '*.bin' '*.fp16.*' --local-dir {path}")
+FETCH = (f"pip install huggingface_hub && hf download {HUB_REPO} --include 'unet/*' 'vae/*' "
+         "'text_encoder/*' 'tokenizer/*' 'scheduler/*' --exclude '*.bin' '*.fp16.*' "
+         "--local-dir {path}")
 
 
-class SD2(NamedTuple):
+class Pipeline(NamedTuple):
     """The parts of Stable Diffusion 2.0 the samplers need."""
 
     unet: nn.Module
@@ -354,10 +386,18 @@ class SD2(NamedTuple):
     abar: torch.Tensor  # the DDPM table alpha_bar_t, t = 0..999
     prediction: str  # "eps" (512-base) or "v" (768-v)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> image in about [-1, 1] (the VAE sees z / 0.18215)."""
+        return self.vae.decode(z / vae.SCALING_FACTOR)
 
-def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> SD2:
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image -> latent: the posterior mean, scaled (official PSLD samples from it)."""
+        return self.vae.encode(image)[0] * vae.SCALING_FACTOR
+
+
+def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> Pipeline:
     """SD 2.0 from a diffusers pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
-    or a single-file LDM checkpoint (512-base-ema.safetensors layout).
+    or a single-file LDM checkpoint (512-base-ema.safetensors layout; docs/sd2_formats.md §2.2).
 
     512-base (eps) and 768-v (v) have identical keys: a folder's scheduler config decides; for a
     single file the `prediction` flag does (default "eps", the model of the paper).
@@ -368,11 +408,11 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
         raise ValueError(f"no SD 2.0 weights at {path}; fetch them with: {FETCH.format(path=path)}")
     if os.path.isfile(path):
         tokenizer_dir = os.path.join(os.path.dirname(path), "tokenizer")
-        return SD2(unet.unet_from_single_file(path, device=device, dtype=dtype),
-                   vae.vae_from_single_file(path, device=device, dtype=dtype),
-                   clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
-                   clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
-                   else None, sd_abar(), prediction or "eps")
+        return Pipeline(unet.unet_from_single_file(path, device=device, dtype=dtype),
+                        vae.vae_from_single_file(path, device=device, dtype=dtype),
+                        clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
+                        clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
+                        else None, sd_abar(), prediction or "eps")
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
     if missing:
@@ -394,16 +434,16 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                          f"{scheduler.get('prediction_type')!r}; drop --prediction {prediction}")
     abar = sd_abar(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
                    scheduler.get("num_train_timesteps", 1000))
-    return SD2(unet.load_unet(os.path.join(path, "unet"), device, dtype),
-               vae.load_vae(os.path.join(path, "vae"), device, dtype),
-               clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
-               clip.Tokenizer.from_folder(os.path.join(path, "tokenizer")), abar,
-               folder_prediction)
+    return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype),
+                    vae.load_vae(os.path.join(path, "vae"), device, dtype),
+                    clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
+                    clip.Tokenizer.from_folder(os.path.join(path, "tokenizer")), abar,
+                    folder_prediction)
 
 
-def encode_prompt(sd: SD2, prompt: str) -> torch.Tensor:
+def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
     """The (1, 77, 1024) text context. The paper conditions on the empty prompt (no CFG), whose
-    ids need no vocabulary: [bos, eos, pad x 75] (sd2_formats.md §1.5)."""
+    ids need no vocabulary: [bos, eos, pad x 75] (docs/sd2_formats.md §1.5)."""
     if sd.tokenizer is not None:
         ids = sd.tokenizer([prompt])
     elif prompt == "":
@@ -416,14 +456,13 @@ def encode_prompt(sd: SD2, prompt: str) -> torch.Tensor:
         return sd.text_encoder(ids.to(device))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # (5) The restoration command
 # ---------------------------------------------------------------------------------------------
 
 # zeta per method for (SR x8, every other operator): official Record.md and ddps README
-# (official_code.md §5), logged for SR x8 and Gaussian blur. The other operators have no logged
-# value; they use the Gaussian-blur column (our choice).
+# (docs/official_code.md §5), logged for SR x8 and Gaussian blur. The other operators have no
+# logged value; they use the Gaussian-blur column (our choice).
 ZETA = {"dps": (4.8, 0.6), "dsg": (0.08, 0.08), "dmap": (4.8, 0.6), "freedom": (4.8, 0.6),
         "resample": (4.8, 0.6), "psld": (4.8, 0.6)}
 # The paper's two DMAP budgets (Table 4): "full" = K 3 at 500 steps, "same" = the NFE of DPS at
@@ -432,6 +471,12 @@ DMAP_SETTINGS = {"full": dict(steps=500, K=3, zeta_scale=1.0),
                  "same": dict(steps=250, K=2, zeta_scale=2.0)}
 # Method knobs the command exposes; each flag is named as the sampler keyword it sets.
 KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
+# Operator flags and the operators they apply to (the operator's keyword, the default).
+OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8),
+                  "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
+# Flags that do not change the restoration, left out of the output names.
+NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
+               "kernel_weights", "prompt", "no_crop", "observed")
 
 
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
@@ -485,67 +530,97 @@ def write_atomic(path: str, save) -> None:
 
 
 def parse_args(argv=None):
+    def default(method, name):  # a sampler's own default, for the help text
+        value = inspect.signature(SAMPLERS[method]).parameters[name].default
+        return " ".join(map(str, value)) if isinstance(value, tuple) else value
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="the reference image (or, with --observed, the measurement y)")
-    p.add_argument("--method", default="dmap", choices=list(SAMPLERS), help="posterior sampler")
+    p.add_argument("--method", default="dmap", choices=list(SAMPLERS),
+                   help="posterior sampler (default: %(default)s)")
     p.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
-                   help="degradation operator A")
+                   help="degradation operator A (default: %(default)s)")
     p.add_argument("--model", default=os.environ.get("SD2_MODEL",
                                                      "./weights/stable-diffusion-2-base"),
-                   help="SD 2.0 pipeline folder or single .safetensors file (env SD2_MODEL)")
+                   help="SD 2.0 pipeline folder or single .safetensors file (default: $SD2_MODEL "
+                   "or %(default)s)")
     p.add_argument("--prediction", choices=["eps", "v"],
-                   help="eps (512-base) or v (768-v); needed for a single-file 768-v checkpoint")
-    p.add_argument("--out", default="./results", help="output folder")
+                   help="eps (512-base) or v (768-v); needed for a single-file 768-v checkpoint "
+                   "(default: the folder's scheduler config, eps for a single file)")
+    p.add_argument("--out", default="./results", help="output folder (default: %(default)s)")
+    p.add_argument("--name", help="stem of the output files (default: image_method_op, then "
+                   "every setting that differs from its default, e.g. astronaut_dps_sr_zeta2)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--observed", action="store_true",
                    help="the image is the measurement y (a real low-res or blurry photo)")
-    p.add_argument("--size", type=int, default=512, help="restored image size in pixels")
+    p.add_argument("--size", type=int, default=512,
+                   help="restored image size in pixels, a multiple of 8 (default: %(default)s)")
     p.add_argument("--no-crop", action="store_true", help="resize without centre-cropping")
-    p.add_argument("--steps", type=int, help="sampling steps (default 500; DMAP: --dmap-setting)")
-    p.add_argument("--zeta", type=float, help="step size / guidance rate (default: per operator)")
-    p.add_argument("--dmap-setting", choices=list(DMAP_SETTINGS), default="full",
-                   help="DMAP budget: full = K 3 at 500 steps; same = K 2 at 250, zeta x2")
-    p.add_argument("--eta", type=float, default=1.0, help="ancestral noise (1 DDPM, 0 DDIM)")
-    p.add_argument("--K", type=int, help="DMAP inner gradient steps")
-    p.add_argument("--gamma", type=float, help="PSLD gluing weight / ReSample variance scale")
-    p.add_argument("--repeats", type=int, help="FreeDOM time-travel repeats")
-    p.add_argument("--window", type=float, nargs=2, help="FreeDOM window, loop fractions")
-    p.add_argument("--at", type=float, nargs="+", help="ReSample steps, loop fractions")
-    p.add_argument("--iters", type=int, help="ReSample latent-optimisation iterations")
-    p.add_argument("--lr", type=float, help="ReSample latent-optimisation learning rate")
-    p.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise std on [-1, 1]")
-    p.add_argument("--sr-factor", type=int, default=8, help="SR downscaling factor")
-    p.add_argument("--kernel-weights", default="weights/GOPRO_wVAE.safetensors",
-                   help="bkse KernelWizard weights for nonlinear_blur")
-    p.add_argument("--prompt", default="", help="text prompt (the paper uses none)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 500; DMAP: "
+                   "--dmap-setting's, 500 full or 250 same)")
+    p.add_argument("--zeta", type=float, help="step size (DSG: guidance rate) (default: per "
+                   "method and operator, the table in README.md; DMAP same: x2)")
+    p.add_argument("--dmap-setting", choices=list(DMAP_SETTINGS),
+                   help="DMAP budget: full = K 3 at 500 steps; same = K 2 at 250, zeta x2 "
+                   "(default: full)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="ancestral noise, 1 DDPM, 0 DDIM (default: %(default)s)")
+    p.add_argument("--K", type=int, help="DMAP inner gradient steps (default: --dmap-setting's)")
+    p.add_argument("--gamma", type=float, help=f"PSLD gluing weight (default: "
+                   f"{default('psld', 'gamma')}) / ReSample variance scale (default: "
+                   f"{default('resample', 'gamma')})")
+    p.add_argument("--repeats", type=int, help="FreeDOM time-travel repeats (default: "
+                   f"{default('freedom', 'repeats')})")
+    p.add_argument("--window", type=float, nargs=2, help="FreeDOM time-travel window, loop "
+                   f"fractions (default: {default('freedom', 'window')})")
+    p.add_argument("--at", type=float, nargs="+", help="ReSample optimisation steps, loop "
+                   f"fractions (default: {default('resample', 'at')})")
+    p.add_argument("--iters", type=int, help="ReSample optimisation iterations (default: "
+                   f"{default('resample', 'iters')})")
+    p.add_argument("--lr", type=float, help="ReSample optimisation learning rate (default: "
+                   f"{default('resample', 'lr')})")
+    p.add_argument("--sigma-y", type=float, default=0.0,
+                   help="measurement noise std on [-1, 1] (default: %(default)s, as the paper)")
+    p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
+    p.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
+                   "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
+    p.add_argument("--prompt", default="", help="text prompt (default: none, as the paper)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
+                   help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="model and latent dtype (official: float32)")
+                   help="model and latent dtype (default: %(default)s, as the official code)")
     return p.parse_args(argv)
 
 
 def settings(args) -> tuple[int, dict]:
     """The steps and the sampler's keyword arguments from the flags and the defaults;
-    ValueError on nonsense."""
+    ValueError on nonsense and on flags that do not apply to the method or operator."""
     fn = SAMPLERS[args.method]
     params = inspect.signature(fn).parameters
+    for name in ("zeta",) + KNOBS:
+        if getattr(args, name) is not None and name not in params:
+            raise ValueError(f"--{name} does not apply to --method {args.method}")
+    for name, (op, _, _) in OPERATOR_FLAGS.items():
+        if getattr(args, name) is not None and args.op != op:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --op {op} only")
+    if args.dmap_setting is not None and fn is not dmap:
+        raise ValueError(f"--dmap-setting does not apply to --method {args.method}")
+    if args.observed and args.sigma_y:
+        raise ValueError("--sigma-y synthesises noise; with --observed, y is read as it is")
+    budget = DMAP_SETTINGS[args.dmap_setting or "full"]
+    steps = args.steps if args.steps is not None else budget["steps"] if fn is dmap else 500
     kwargs = {"eta": args.eta}
-    default_steps = DMAP_SETTINGS[args.dmap_setting]["steps"] if fn is dmap else 500
-    steps = default_steps if args.steps is None else args.steps
     if "zeta" in params:
         zeta = ZETA[args.method][0 if args.op == "sr" else 1]
-        if fn is dmap:
-            zeta *= DMAP_SETTINGS[args.dmap_setting]["zeta_scale"]
-            kwargs["K"] = DMAP_SETTINGS[args.dmap_setting]["K"]
-        kwargs["zeta"] = zeta if args.zeta is None else args.zeta
+        kwargs["zeta"] = args.zeta if args.zeta is not None else \
+            zeta * budget["zeta_scale"] if fn is dmap else zeta
+    if fn is dmap:
+        kwargs["K"] = budget["K"]
     for name in KNOBS:
         value = getattr(args, name)
         if value is not None:
-            if name not in params:
-                raise ValueError(f"--{name} does not apply to --method {args.method}")
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     fractions = kwargs.get("window", ()) + kwargs.get("at", ())
     checks = [(steps >= 1, f"--steps must be >= 1, got {steps}"),
@@ -566,62 +641,74 @@ def settings(args) -> tuple[int, dict]:
     return steps, kwargs
 
 
-def restore(args) -> dict:
-    """Load everything, synthesise (or read) y, sample, write the outputs; returns the record."""
-    steps, kwargs = settings(args)
-    stem = f"{os.path.splitext(os.path.basename(args.image))[0]}_{args.method}_{args.op}"
-    paths = {k: os.path.join(args.out, f"{stem}{suffix}") for k, suffix in
-             (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
-              ("record", ".json"))}
-    try:
-        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
-        raise ValueError(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); "
-                         "try --device cpu") from None
-    op_kwargs = {"size": args.size, "factor": args.sr_factor, "seed": args.seed,
-                 "weights": args.kernel_weights}
+def build_operator(args) -> tuple[operators.Operator, dict]:
+    """The operator with the arguments that apply to it (its size, the flags of OPERATOR_FLAGS,
+    the seed of a random one), and those arguments for the record."""
     cls = operators.OPERATORS[args.op]
-    op = cls(**{k: v for k, v in op_kwargs.items() if k in inspect.signature(cls).parameters})
-    op = op.to(device, dtype)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    if args.observed:
-        y_size = args.size // args.sr_factor if args.op == "sr" else args.size
-        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device, dtype)
-    else:
-        x_ref = read_image(args.image, args.size, not args.no_crop).to(device, dtype)
-        y = op.measure(x_ref, args.sigma_y, generator)
-    if args.method == "psld" and not hasattr(op, "adjoint"):
-        raise ValueError(f"psld needs a linear operator with an adjoint; {args.op} has none")
+    op_args = {"size": args.size}
+    for name, (op, keyword, default) in OPERATOR_FLAGS.items():
+        if args.op == op:
+            value = getattr(args, name)
+            op_args[keyword] = default if value is None else value
+    if "seed" in inspect.signature(cls).parameters:
+        op_args["seed"] = args.seed
+    op = cls(**op_args)
+    if "weights" in op_args:
+        op_args["weights"] = os.path.abspath(op_args["weights"])
+    return op, op_args
+
+
+def output_paths(args) -> dict:
+    """The four outputs, named by --name or by the image, method, operator and every setting
+    that differs from its default, so a sweep over one flag needs no new --out per run."""
+    stem = args.name
+    if stem is None:
+        defaults = vars(parse_args([args.image]))
+        tags = []
+        for key, value in vars(args).items():
+            if key in NOT_IN_NAME or value is None or value == defaults[key]:
+                continue
+            if isinstance(value, str):
+                tags.append(value)
+            else:
+                text = "-".join(f"{v:g}" for v in value) if isinstance(value, list) else \
+                    f"{value:g}"
+                tags.append(key.replace("_", "-") + text)
+        image = os.path.splitext(os.path.basename(args.image))[0]
+        stem = "_".join([image, args.method, args.op] + tags)
+    return {k: os.path.join(args.out, stem + suffix) for k, suffix in
+            (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
+             ("record", ".json"))}
+
+
+def check_outputs(args, paths: dict) -> None:
+    """Refuse to overwrite without --force, and check that --out can be created and written,
+    before anything slow runs; the folder itself is made only when the outputs are written."""
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not args.force:
-        raise ValueError(f"{existing[0]} exists; pass --force to overwrite or choose --out")
+        raise ValueError(f"{existing[0]} exists; pass --force to overwrite, or --name or --out")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(args.out, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=parent))  # the one sure test of "can I create here"
     except OSError as e:
-        raise ValueError(f"cannot create output folder {args.out} ({e.strerror}); "
-                         "choose another --out") from None
-    if not os.access(args.out, os.W_OK):
-        raise ValueError(f"output folder {args.out} is not writable; choose another --out")
+        raise ValueError(f"cannot create files under {parent} ({e.strerror}); choose another "
+                         "--out") from None
 
-    sd = load_sd2(args.model, args.prediction, device, dtype)
+
+def sample(args, sd: Pipeline, op, y, steps: int, kwargs: dict, generator) -> torch.Tensor:
+    """The sampler on SD 2.0 latents, from seeded noise, with a progress bar; -> z0."""
     denoiser = SDDenoiser(sd.unet, encode_prompt(sd, args.prompt), sd.abar, sd.prediction)
 
-    def decode(z):  # latent -> image
-        return sd.vae.decode(z / vae.SCALING_FACTOR)
+    def A(z):  # the measurement operator on latents
+        return op(sd.decode(z))
 
-    def encode(image):  # image -> latent: the posterior mean (official PSLD samples from it)
-        return sd.vae.encode(image)[0] * vae.SCALING_FACTOR
-
-    if args.method == "psld":  # PSLD works with the pixel operator and its adjoint
-        A, kwargs = op, dict(kwargs, adjoint=op.adjoint, decode=decode, encode=encode)
-    else:
-        def A(z):
-            return op(decode(z))
-
+    parts = model_parts(args.method, H=op, adjoint=getattr(op, "adjoint", None),
+                        decode=sd.decode, encode=sd.encode)
     sigmas = sd_sigmas(steps, sd.abar)
     latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
-    x = sigmas[0].item() * noise_like(torch.empty(latent, device=device, dtype=dtype), generator)
+    noise = noise_like(torch.empty(latent, device=y.device, dtype=y.dtype), generator)
     bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step")
 
     def callback(d):
@@ -632,48 +719,102 @@ def restore(args) -> dict:
             bar.set_postfix(loss=f"{d['loss'].max().item():.4g}")
         bar.update(1)
 
-    start = time.perf_counter()
     try:
-        z0 = SAMPLERS[args.method](denoiser, x, y, A, sigmas, generator=generator,
-                                   callback=callback, **kwargs)
+        return SAMPLERS[args.method](denoiser, sigmas[0].item() * noise, y, A, sigmas,
+                                     generator=generator, callback=callback, **parts, **kwargs)
     except FloatingPointError as e:
         raise ValueError(str(e)) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"at step {bar.n + 1} of {steps}; nothing written") from None
     finally:
         bar.close()
-    with torch.no_grad():
-        restored = to_uint8(decode(z0))
-    seconds = time.perf_counter() - start
-    y_image = to_uint8(op.hint(y) if y.shape[-1] != args.size else y)
-    columns = [y_image, restored] + ([to_uint8(x_ref)] if x_ref is not None else [])
-    record = dict(vars(args), sampler_kwargs={k: v for k, v in kwargs.items()
-                                              if isinstance(v, (int, float, tuple))},
-                  steps=steps, seconds=round(seconds, 1),
-                  psnr=None if x_ref is None else round(psnr(restored, to_uint8(x_ref)), 3))
-    write_atomic(paths["restored"], Image.fromarray(restored).save)
-    write_atomic(paths["measurement"], Image.fromarray(to_uint8(y)).save)
-    write_atomic(paths["panel"], Image.fromarray(np.concatenate(columns, axis=1)).save)
+
+
+def save(paths: dict, record: dict, images: dict) -> None:
+    """The restored image, the measurement, a labelled panel and the JSON record, each written
+    atomically (a crash or Ctrl-C never leaves half a file)."""
+    os.makedirs(os.path.dirname(paths["record"]) or ".", exist_ok=True)
+    write_atomic(paths["restored"], Image.fromarray(images["restored"]).save)
+    write_atomic(paths["measurement"], Image.fromarray(images["measurement"]).save)
+    panel = plot.image_grid([list(images["panel"].values())], [list(images["panel"])])
+    write_atomic(paths["panel"], panel.save)
 
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2)
 
     write_atomic(paths["record"], dump)
-    return record
+
+
+def restore(args) -> tuple[dict, dict]:
+    """Check everything cheap, load SD 2.0, synthesise (or read) y, sample, write the outputs;
+    returns the record and the paths written."""
+    start = time.perf_counter()
+    steps, kwargs = settings(args)
+    try:
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
+        raise ValueError(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); "
+                         "try --device cpu") from None
+    op, op_args = build_operator(args)
+    if "adjoint" in inspect.signature(SAMPLERS[args.method]).parameters and \
+            not hasattr(op, "adjoint"):
+        raise ValueError(f"{args.method} needs a linear operator with an adjoint; {args.op} "
+                         "has none")
+    op = op.to(device, dtype)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if args.observed:
+        y_size = args.size // op_args["factor"] if args.op == "sr" else args.size
+        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device, dtype)
+    else:
+        x_ref = read_image(args.image, args.size, not args.no_crop).to(device, dtype)
+        y = op.measure(x_ref, args.sigma_y, generator)
+    paths = output_paths(args)
+    check_outputs(args, paths)
+
+    sd = load_sd2(args.model, args.prediction, device, dtype)
+    loaded = time.perf_counter()
+    z0 = sample(args, sd, op, y, steps, kwargs, generator)
+    with torch.no_grad():
+        restored = to_uint8(sd.decode(z0))
+    sampled = time.perf_counter()
+    y_image = to_uint8(op.hint(y) if y.shape[-1] != args.size else y)
+    panel = {"measurement": y_image, "restored": restored}
+    if x_ref is not None:
+        panel["reference"] = to_uint8(x_ref)
+    record = dict(image=os.path.abspath(args.image), observed=args.observed, method=args.method,
+                  op=args.op, operator=op_args, sampler=dict(kwargs, steps=steps),
+                  sigma_y=None if args.observed else args.sigma_y, seed=args.seed,
+                  crop=not args.no_crop, prompt=args.prompt, model=os.path.abspath(args.model),
+                  prediction=sd.prediction, device=args.device, dtype=args.dtype,
+                  seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
+                               total=round(time.perf_counter() - start, 1)),
+                  outputs=[os.path.basename(p) for p in paths.values()])
+    if x_ref is not None:
+        record["psnr"] = round(psnr(restored, panel["reference"]), 3)
+    try:
+        save(paths, record, dict(restored=restored, measurement=to_uint8(y), panel=panel))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("while writing; each file is whole or absent") from None
+    return record, paths
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        record = restore(args)
+        record, paths = restore(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: PSNR {record['psnr']} dB, {record['seconds']} s")
+    except KeyboardInterrupt as e:
+        print(f"interrupted {e.args[0] if e.args else 'before sampling; nothing written'}",
+              file=sys.stderr)
+        return 130
+    quality = f"PSNR {record['psnr']} dB, " if "psnr" in record else ""
+    print(f"wrote {', '.join(record['outputs'])} to {args.out}: {quality}"
+          f"{record['seconds']['total']} s in all (sampling {record['seconds']['sample']} s)")
     return 0
-
-
-SAMPLERS = {"ddpm": ddpm, "dps": dps, "dsg": dsg, "dmap": dmap, "freedom": freedom,
-            "resample": resample, "psld": psld}
 
 
 if __name__ == "__main__":

@@ -5,31 +5,34 @@ only approximate is exact: the noisy marginals, the denoiser, the score, the con
 and, for y = A x0 + sigma_y noise, the posterior itself (again a mixture). This file runs the
 samplers of dmap.py unchanged on such priors:
 
-    python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice (~1 min)
+    python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice
+                                    # (about 40 s on 2 idle cores)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
                                     # (36 min on 2 cores; d = 800 is 30 of them)
     python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~5 min)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
-(5) the MCGdiff benchmark (Cardoso et al., ICLR 2024; notes/gmm_benchmark.md); (6) figures with
-Pillow; (7) the command line. Everything runs in float64 on the CPU, except the benchmark's
-samplers (float32, 3x faster at d = 800; the metric does not move).
+(5) the MCGdiff benchmark (Cardoso et al., ICLR 2024; docs/gmm_benchmark.md); (6) the figures
+(plot.py draws them); (7) the command line. Everything runs in float64 on the CPU, except the
+benchmark's samplers (float32, 3x faster at d = 800; the metric does not move).
 """
 
 import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 import dmap
+import plot
 
 F64 = torch.float64
 
@@ -80,6 +83,16 @@ class GMM:
     def noisy(self, sigma) -> "GMM":
         """The marginal of x = x0 + sigma noise: the prior convolved with N(0, sigma^2 I)."""
         return GMM(self.weights, self.means, self.lam + sigma**2, self.U)
+
+    def scaled(self, alpha, sigma) -> "GMM":
+        """The law of alpha x0 + sigma noise: means alpha m_k, eigenvalues alpha^2 lam + sigma^2
+        (MCGdiff's VP marginal q_t: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t))."""
+        return GMM(self.weights, self.means * alpha, self.lam * alpha**2 + sigma**2, self.U)
+
+    def to(self, dtype) -> "GMM":
+        """The same mixture in another floating dtype."""
+        return GMM(*(None if v is None else v.to(dtype)
+                     for v in (self.weights, self.means, self.lam, self.U)))
 
     def _rotate(self, x):
         """x (N, d) in the eigenbases: (N, d) when one basis serves all components, else
@@ -163,7 +176,7 @@ class GMM:
         """p(x0 | y) for y = A x0 + sigma_y noise, A (dy, d), y (dy,): again a mixture.
 
         Per component the Gaussian (Kalman) update; the weights w'_k ∝ w_k N(y; A m_k,
-        sigma_y^2 I + A C_k A^T) (notes/gmm_benchmark.md §1.6)."""
+        sigma_y^2 I + A C_k A^T) (docs/gmm_benchmark.md §1.6)."""
         dy, d = A.shape
         if self.U is None:
             CAt = self.lam[..., None] * A.T  # C_k A^T, (K, d, dy)
@@ -187,9 +200,139 @@ class GMM:
         return GMM.from_cov(weights, means, self.cov - gain @ CAt.mT)
 
 
+# The same formulas when the components differ only inside a q-dimensional subspace (the
+# MCGdiff prior: means on a 2-D grid tiled to d, one covariance I; and its posteriors)
+
+
+class LowRankGMM:
+    """A GMM whose components differ only in span(Q): x = Q xq + x_perp, xq = Q^T x.
+
+    Q (d, q) has orthonormal columns; xq follows `inner`, a GMM in q dimensions (any
+    covariances); x_perp = (I - Q Q^T) x is N(0, c (I - Q Q^T)), the same for every component
+    and independent of xq. So p(x) = p_inner(Q^T x) N(x_perp; 0, c I_{d-q}): each formula is
+    the inner one in q dimensions plus an isotropic term, O(N d q) per call (forward and
+    autograd) where GMM's one-basis path is O(N d K). Every mixture of components with one
+    shared covariance c I and means in span(Q) is one (from_gmm), and so is its posterior
+    (posterior: Q grows by the rows of A). GMM stays the reference (tests/test_toy_gmm.py).
+    """
+
+    def __init__(self, inner: GMM, Q, c: float):
+        # Q held as a view of a contiguous Q^T (q, d): x @ Q is then 5x faster on the CPU
+        self.inner, self.Q, self.c = inner, Q.mT.contiguous().mT, c
+        self.weights = inner.weights
+
+    @classmethod
+    def from_gmm(cls, gmm: GMM) -> "LowRankGMM":
+        """A GMM with one isotropic covariance c I for all components, Q from the SVD of its
+        means (K, d); the rank cut is numpy's matrix_rank default, s > s_max max(K, d) eps."""
+        lam = gmm.lam
+        if gmm.U is not None or lam.shape[1] != 1 or not bool((lam == lam[0]).all()):
+            raise ValueError("LowRankGMM.from_gmm needs one isotropic covariance c I shared by "
+                             "all components (GMM.from_cov with equal scalars); use GMM itself "
+                             "otherwise")
+        _, s, Vh = torch.linalg.svd(gmm.means, full_matrices=False)
+        q = int((s > s.max() * max(gmm.means.shape) * torch.finfo(s.dtype).eps).sum())
+        Q = Vh[:q].mT  # (d, q)
+        return cls(GMM(gmm.weights, gmm.means @ Q, lam), Q, lam[0, 0].item())
+
+    @property
+    def means(self) -> torch.Tensor:
+        """m_k = Q mq_k, (K, d)."""
+        return self.inner.means @ self.Q.mT
+
+    def noisy(self, sigma) -> "LowRankGMM":
+        """x0 + sigma noise: the inner mixture's noisy marginal, c + sigma^2 outside span(Q)."""
+        return LowRankGMM(self.inner.noisy(sigma), self.Q, self.c + sigma**2)
+
+    def scaled(self, alpha, sigma) -> "LowRankGMM":
+        """alpha x0 + sigma noise (GMM.scaled): the same in span(Q), alpha^2 c + sigma^2 out."""
+        return LowRankGMM(self.inner.scaled(alpha, sigma), self.Q, self.c * alpha**2 + sigma**2)
+
+    def to(self, dtype) -> "LowRankGMM":
+        return LowRankGMM(self.inner.to(dtype), self.Q.to(dtype), self.c)
+
+    def log_prob(self, x, sigma=0.0) -> torch.Tensor:
+        """log p_inner(Q^T x) + log N(x_perp; 0, (c + sigma^2) I_{d-q}), (N,)."""
+        (d, q), var, xq = self.Q.shape, self.c + sigma**2, x @ self.Q
+        perp = (x - xq @ self.Q.mT).pow(2).sum(-1)  # |x_perp|^2, (N,)
+        return (self.inner.log_prob(xq, sigma)
+                - 0.5 * (perp / var + (d - q) * math.log(2 * math.pi * var)))
+
+    def responsibilities(self, x, sigma=0.0) -> torch.Tensor:
+        """p(k | x) = p(k | Q^T x): x_perp has the same law under every component, (N, K)."""
+        return self.inner.responsibilities(x @ self.Q, sigma)
+
+    def denoiser(self, x, sigma) -> torch.Tensor:
+        """x0_hat = Q x0_hat_inner(xq) + a x_perp, a = c / (c + sigma^2) (the Gaussian
+        x_perp's Tweedie mean), written a x + (x0_hat_inner - a xq) Q^T: no (N, d) tensor
+        per component, forward or backward; contract 1 of DESIGN.md."""
+        xq, a = x @ self.Q, self.c / (self.c + sigma**2)
+        # addmm(x, B, C, beta=a) = a x + B C in one pass (and one less in autograd)
+        return torch.addmm(x, self.inner.denoiser(xq, sigma) - a * xq, self.Q.mT, beta=a)
+
+    def score(self, x, sigma=0.0) -> torch.Tensor:
+        """Q score_inner(xq) - x_perp / (c + sigma^2), written as the denoiser is."""
+        xq, b = x @ self.Q, 1 / (self.c + sigma**2)
+        return torch.addmm(x, self.inner.score(xq, sigma) + b * xq, self.Q.mT, beta=-b)
+
+    def sample(self, n: int, generator=None) -> torch.Tensor:
+        """n exact samples: Q xq + sqrt(c) (I - Q Q^T) z, xq ~ inner, z ~ N(0, I_d); (n, d)."""
+        xq = self.inner.sample(n, generator)
+        z = math.sqrt(self.c) * torch.randn(n, self.Q.shape[0], generator=generator,
+                                            dtype=self.Q.dtype)
+        return z + (xq - z @ self.Q) @ self.Q.mT
+
+    def sample_x0(self, x, sigma, generator=None) -> torch.Tensor:
+        """Exact samples of p(x0 | x0 + sigma noise = x): xq0 from the inner mixture, and
+        x0_perp ~ N(a x_perp, a sigma^2), a = c / (c + sigma^2) (GMM.sample_x0 with K = 1)."""
+        xq, a = x @ self.Q, self.c / (self.c + sigma**2)
+        xq0 = self.inner.sample_x0(xq, sigma, generator)
+        v = a * x + math.sqrt(a * sigma**2) * torch.randn(x.shape, generator=generator,
+                                                           dtype=x.dtype)
+        return v + (xq0 - v @ self.Q) @ self.Q.mT
+
+    def posterior(self, A, y, sigma_y) -> "LowRankGMM":
+        """p(x0 | y) for y = A x0 + sigma_y noise, A (dy, d): again a LowRankGMM.
+
+        Q2, an orthonormal basis of span(Q, rows of A), has A = A Q2 Q2^T, so y sees x0 only
+        through x2 = Q2^T x0, and x0 - Q2 x2 keeps its law N(0, c (I - Q2 Q2^T)), independent
+        of x2 and k. With R = Q2^T Q, x2 | k ~ N(R mq_k, R C_k R^T + c (I - R R^T)), a mixture
+        in q2 <= q + dy dimensions: its posterior under A Q2 is GMM.posterior."""
+        B, s, _ = torch.linalg.svd(torch.cat([self.Q, A.T], 1), full_matrices=False)
+        # the rank of [Q, A^T] (d, q + dy), numpy's matrix_rank cut as in from_gmm
+        q2 = int((s > s.max() * max(B.shape) * torch.finfo(s.dtype).eps).sum())
+        Q2 = B[:, :q2]  # (d, q2)
+        R = Q2.mT @ self.Q  # the old basis in the new coordinates, (q2, q)
+        eye = torch.eye(q2, dtype=R.dtype)
+        lifted = GMM.from_cov(self.weights, self.inner.means @ R.mT,
+                              R @ self.inner.cov @ R.mT + self.c * (eye - R @ R.mT))
+        return LowRankGMM(lifted.posterior(A @ Q2, y, sigma_y), Q2, self.c)
+
+
 # ---------------------------------------------------------------------------------------------
 # (2) Running a sampler on a mixture; the implied score of a guided step; the metric
 # ---------------------------------------------------------------------------------------------
+
+
+def linear_operator(A_mats):
+    """P problems side by side as one linear operator: rows p n .. (p + 1) n - 1 of the batch
+    see A_mats[p], (P, dy, d) (P = 1: one problem). Returns A and the parts PSLD takes beyond it
+    (dmap.model_parts): H = A, its true adjoint, decode = encode = identity (pixel space).
+    Every sample stays independent (contract 2)."""
+    P = len(A_mats)
+
+    def A(x0):
+        return torch.einsum("pnd,pyd->pny", x0.reshape(P, -1, x0.shape[1]),
+                            A_mats).reshape(len(x0), -1)
+
+    def adjoint(v):
+        return torch.einsum("pny,pyd->pnd", v.reshape(P, -1, v.shape[1]),
+                            A_mats).reshape(len(v), -1)
+
+    def identity(v):
+        return v
+
+    return A, dict(H=A, adjoint=adjoint, decode=identity, encode=identity)
 
 
 def run(name, prior, A_mat, y, sigmas, x, seed, **hyper):
@@ -198,10 +341,9 @@ def run(name, prior, A_mat, y, sigmas, x, seed, **hyper):
     g = torch.Generator().manual_seed(seed)
     if isinstance(x, int):
         x = float(sigmas[0]) * torch.randn(x, prior.means.shape[1], generator=g, dtype=F64)
-    if name == "psld":  # pixel space: A's true adjoint, decode = encode = identity
-        hyper = dict(hyper, adjoint=lambda v: v @ A_mat)
-    return dmap.SAMPLERS[name](prior.denoiser, x, y[None], lambda x0: x0 @ A_mat.T, sigmas,
-                               generator=g, **hyper)
+    A, parts = linear_operator(A_mat[None])
+    return dmap.SAMPLERS[name](prior.denoiser, x, y[None], A, sigmas, generator=g,
+                               **dmap.model_parts(name, **parts), **hyper)
 
 
 def implied_score(name, prior, A_mat, y, x, sigma, sigma_next, seed, repeats=16, **hyper):
@@ -231,7 +373,8 @@ def implied_score(name, prior, A_mat, y, x, sigma, sigma_next, seed, repeats=16,
 
 def sliced_wasserstein(a, b, n_slices=100, generator=None) -> float:
     """Mean over n_slices random unit directions of the 1-D W1 between the projections
-    (MCGdiff's sliced_wasserstein, notes §1.6); equal sample sizes: W1 = mean |sorted diff|."""
+    (MCGdiff's sliced_wasserstein, docs/gmm_benchmark.md §1.6); equal sample sizes: W1 = mean
+    |sorted diff|."""
     assert a.shape == b.shape, f"equal sample sets needed, got {a.shape} and {b.shape}"
     theta = torch.randn(a.shape[1], n_slices, generator=generator, dtype=a.dtype)
     theta = theta / theta.norm(dim=0)
@@ -273,7 +416,7 @@ def fig8_problem():
 
 def fig8_sigmas(steps=100):
     """100 Karras steps, sigma_max 4, rho 7 (Appendix A.4); sigma_min 0.002 is EDM's default
-    (the paper gives none, official_code.md §8)."""
+    (the paper gives none, docs/official_code.md §8)."""
     return dmap.karras_sigmas(steps, 0.002, 4.0, 7.0)
 
 
@@ -294,14 +437,17 @@ def exact_stats(post: GMM) -> dict:
                 std_x2=var[1].sqrt().item())
 
 
-def fig8(n, sigma_y, seed, steps=100):
-    """Samples of the exact posterior (at sigma_y and noise-free) and of every FIG8_RUNS entry."""
+def fig8(n, sigma_y, seed, steps=100, callback=None):
+    """Samples of the exact posterior (at sigma_y and noise-free) and of every FIG8_RUNS entry;
+    callback(label) after each run (a progress bar)."""
     prior, A_mat, y = fig8_problem()
     g = torch.Generator().manual_seed(seed)
     samples = {f"exact, sigma_y={s:g}": prior.posterior(A_mat, y, s).sample(n, g)
                for s in (sigma_y, NOISE_FREE)}
     for label, name, hyper in FIG8_RUNS:
         samples[label] = run(name, prior, A_mat, y, fig8_sigmas(steps), n, seed, **hyper)
+        if callback is not None:
+            callback(label)
     return samples
 
 
@@ -313,14 +459,15 @@ OBS_RUNS = [r for r in FIG8_RUNS if r[1] in ("dps", "dsg", "dmap")]
 REPEATS = dict(dps=1, dsg=64, dmap=64)  # noise draws per x for implied_score (dps: exact)
 
 
-def observations(sigma_y, n, n_mean, seed, steps=100) -> dict:
+def observations(sigma_y, n, n_mean, seed, steps=100, callback=None) -> dict:
     """Observation I (Eq. 9-10): the error of each method's implied score (implied_score) and of
     the unconditional score against the exact conditional score grad log p_sigma(x | y) (the
     noisy posterior is a mixture too), along the exact conditional trajectory x ~ p_sigma(x | y)
     (the analogue of the paper's StableSR reference trajectory); reported in epsilon units,
     sigma * RMS ||s - s_true||. Observation II (Eq. 11-12): the mean of each score at the first
     step over n_mean exact samples of p_sigma_max(x | y), where every valid conditional score
-    has mean zero. Observation III (Eq. 13) uses the Fig. 8 samples."""
+    has mean zero. Observation III (Eq. 13) uses the Fig. 8 samples. callback(i) after step i
+    of Observation I and, with i = steps, after Observation II (a progress bar)."""
     prior, A_mat, y = fig8_problem()
     post = prior.posterior(A_mat, y, sigma_y)
     s = fig8_sigmas(steps).tolist()
@@ -336,6 +483,8 @@ def observations(sigma_y, n, n_mean, seed, steps=100) -> dict:
                                           repeats=REPEATS[name], **hyper)
             mse = ((score - s_true).pow(2).sum(1) - mc_var).mean()  # E|s - s_true|^2, debiased
             error[label].append(s[i] * mse.clamp_min(0).sqrt().item())
+        if callback is not None:
+            callback(i)
     x = post.noisy(s[0]).sample(n_mean, g)
     scores = {"exact conditional": post.score(x, s[0]), "unconditional": prior.score(x, s[0])}
     for label, name, hyper in OBS_RUNS:
@@ -345,30 +494,34 @@ def observations(sigma_y, n, n_mean, seed, steps=100) -> dict:
                         se=(v.std(0) / math.sqrt(n_mean)).tolist(),
                         rms=v.pow(2).sum(1).mean().sqrt().item())
             for label, v in scores.items()}
+    if callback is not None:
+        callback(steps)
     return dict(sigma_y=sigma_y, sigmas=s[:-1], error=error, mean=mean)
 
 
 # ---------------------------------------------------------------------------------------------
-# (5) The MCGdiff Gaussian-mixture benchmark (Cardoso et al., ICLR 2024; notes/gmm_benchmark.md)
+# (5) The MCGdiff Gaussian-mixture benchmark (Cardoso et al., ICLR 2024; docs/gmm_benchmark.md)
 # ---------------------------------------------------------------------------------------------
 
-SETTINGS = [(20, 0.6), (100, 0.85)]  # (steps, eta), notes §1.4
+SETTINGS = [(20, 0.6), (100, 0.85)]  # (steps, eta), docs/gmm_benchmark.md §1.4
 DIMS, DYS = [800, 80, 8], [1, 2, 4]  # loop orders of the original; they enter the seeds
-ZETA_PROTOCOL = 0.1  # dps_jax's zeta_coeff on grad ||A x0_hat - y||^2 / err (notes §1.7)
+# dps_jax's zeta_coeff on grad ||A x0_hat - y||^2 / err (docs/gmm_benchmark.md §1.7)
+ZETA_PROTOCOL = 0.1
 
 
 def protocol_abar() -> torch.Tensor:
     """abar_t, t = 0..999, of the benchmark: betas = linspace(0.02, 1e-4, 999), DECREASING (the
-    usual DDPM betas increase), with abar_0 = 1 prepended (notes §1.3)."""
+    usual DDPM betas increase), with abar_0 = 1 prepended (docs/gmm_benchmark.md §1.3)."""
     betas = torch.linspace(0.02, 1e-4, 999, dtype=F64)
     return torch.cumprod(torch.cat([torch.ones(1, dtype=F64), 1 - betas]), 0)
 
 
 def protocol_timesteps(n_steps, abar) -> list:
-    """get_optimal_timesteps_from_singular_values (notes §1.4): keep t where sqrt(abar) has
-    dropped by a fixed stride since the last kept t, up to the first t with sqrt(abar) < 1e-2,
-    then ceil(linspace) to t = 999. The "optimal" entry of the original always lands beyond
-    that point and only enters through its count (1), which shortens the stride."""
+    """get_optimal_timesteps_from_singular_values (docs/gmm_benchmark.md §1.4): keep t where
+    sqrt(abar) has dropped by a fixed stride since the last kept t, up to the first t with
+    sqrt(abar) < 1e-2, then ceil(linspace) to t = 999. The "optimal" entry of the original
+    always lands beyond that point and only enters through its count (1), which shortens the
+    stride."""
     sq = abar.sqrt()
     end = int((sq < 1e-2).nonzero()[0])
     stride = (sq[0] - sq[end]) / (n_steps - 1 - 1)
@@ -402,14 +555,16 @@ def protocol_schedule(n_steps):
 
 
 @torch.no_grad()
-def dps_protocol(prior: GMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL, eta=1.0, generator=None):
-    """DPS exactly as MCGdiff's gmm.py runs it (dps_jax, notes §1.7), in VP coordinates
-    x_vp = sqrt(abar) x0 + sqrt(1 - abar) noise; abars in sampling order. A reference for the
-    translation into our dps (protocol_schedule) and a column of the benchmark."""
+def dps_protocol(prior: GMM | LowRankGMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL, eta=1.0,
+                 generator=None):
+    """DPS exactly as MCGdiff's gmm.py runs it (dps_jax, docs/gmm_benchmark.md §1.7), in VP
+    coordinates x_vp = sqrt(abar) x0 + sqrt(1 - abar) noise; abars in sampling order. A
+    reference for the translation into our dps (protocol_schedule) and a column of the
+    benchmark."""
     a = abars.tolist()
     for t in range(len(a) - 1):
         at, ap = a[t], a[t + 1]
-        q = GMM(prior.weights, prior.means * at**0.5, prior.lam * at + 1 - at, prior.U)  # q_t
+        q = prior.scaled(at**0.5, (1 - at) ** 0.5)  # q_t, the law of x_vp
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             x0_hat = (xg + (1 - at) * q.score(xg)) / at**0.5
@@ -424,9 +579,9 @@ def dps_protocol(prior: GMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL, eta=1.0, gen
 
 
 def protocol_problem(d, dy, weights, generator):
-    """generate_measurement_equations (notes §1.2, §1.5): 25 unit-covariance components on a
-    5 x 5 grid of spacing 8 tiled to d, A = U diag(s) V^T with s ~ sorted U(0, 1), sigma_y =
-    U(0, 1) max(s), y = A x* + sigma_y noise for one prior draw x*."""
+    """generate_measurement_equations (docs/gmm_benchmark.md §1.2, §1.5): 25 unit-covariance
+    components on a 5 x 5 grid of spacing 8 tiled to d, A = U diag(s) V^T with s ~ sorted
+    U(0, 1), sigma_y = U(0, 1) max(s), y = A x* + sigma_y noise for one prior draw x*."""
     grid = torch.tensor([[-8.0 * i, -8.0 * j] for i in range(-2, 3) for j in range(-2, 3)],
                         dtype=F64)
     prior = GMM.from_cov(weights, grid.repeat(1, d // 2), torch.ones(25, dtype=F64))
@@ -467,27 +622,13 @@ def concentration(prior: GMM, post: GMM, sigmas, n, generator) -> dict:
     return out
 
 
-def stacked(A_mats):
-    """P problems side by side as one operator (and its adjoint): rows p n .. (p + 1) n - 1 of
-    the batch see A_mats[p], (P, dy, d). Every sample stays independent (contract 2)."""
-    P = len(A_mats)
-
-    def A(x0):
-        return torch.einsum("pnd,pyd->pny", x0.reshape(P, -1, x0.shape[1]),
-                            A_mats).reshape(len(x0), -1)
-
-    def adjoint(v):
-        return torch.einsum("pny,pyd->pnd", v.reshape(P, -1, v.shape[1]),
-                            A_mats).reshape(len(v), -1)
-    return A, adjoint
-
-
 def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4 * 10**6,
               dtype=torch.float32):
     """The MCGdiff protocol: per (steps, d, dy) `problems` problems with the original seeds
     2^ind_dim 3^ind_dy 5^ind_steps + i (offset by 10^6 seed); SW (100 slices) of n samples of
     each method against n exact posterior samples; the floor is a second exact set. Weights
-    randn^2 normalised, one draw per (steps, d) (notes §1.2), so the prior is shared by the
+    randn^2 normalised, one draw per (steps, d) (docs/gmm_benchmark.md §1.2), so the prior is
+    shared by the
     problems of a cell and each sampler runs on several problems at once (about `chunk`
     numbers per batch). The problems, exact posteriors and metric are float64; the samplers
     run in `dtype` (float32: 3x faster at d = 800, SW unchanged at the table's precision).
@@ -510,8 +651,8 @@ def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4
                          for i in range(problems)]
                 cell = [protocol_problem(d, dy, weights, torch.Generator().manual_seed(s))
                         for s in seeds]
-                prior = cell[0][0]
-                fast = GMM(*(v.to(dtype) for v in (prior.weights, prior.means, prior.lam)))
+                prior = LowRankGMM.from_gmm(cell[0][0])  # q = 2: the grid's plane
+                fast = prior.to(dtype)
                 posts = [prior.posterior(A_mat, y, sigma_y) for _, A_mat, y, sigma_y in cell]
                 g = torch.Generator().manual_seed(seeds[0])
                 refs = [post.sample(n, g) for post in posts]
@@ -526,14 +667,14 @@ def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4
                         elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999;
                             # float64: in float32 its zeta / err step meets err = 0 at dy = 1
                             x = torch.randn(len(y), d, generator=g, dtype=F64)
-                            x = dps_protocol(prior, x, y, stacked(A_mats)[0], abars, eta=eta,
-                                             generator=g)
+                            x = dps_protocol(prior, x, y, linear_operator(A_mats)[0], abars,
+                                             eta=eta, generator=g)
                         else:
-                            A, adjoint = stacked(A_mats.to(dtype))
+                            A, parts = linear_operator(A_mats.to(dtype))
                             x = float(sigmas[0]) * torch.randn(len(y), d, generator=g, dtype=F64)
-                            extra = dict(adjoint=adjoint) if name == "psld" else {}
                             x = dmap.SAMPLERS[name](fast.denoiser, x.to(dtype), y.to(dtype), A,
-                                                    sigmas, generator=g, **extra, **hyper[name])
+                                                    sigmas, generator=g, **hyper[name],
+                                                    **dmap.model_parts(name, **parts))
                         x = x.double()
                         seconds = (time.time() - t0) / len(group)
                         for j, i in enumerate(group):
@@ -549,169 +690,82 @@ def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4
 
 
 # ---------------------------------------------------------------------------------------------
-# (6) Figures with Pillow: axes with ticks, labels and a legend
+# (6) The figures: what each one shows (plot.py draws them)
 # ---------------------------------------------------------------------------------------------
 
-FONT = ImageFont.load_default(size=13)
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-          "#17becf", "#7f7f7f", "#bcbd22", "#000000"]
+LIM, PANEL = (-2.5, 2.5), 240  # Fig. 8: the limits of both axes; a panel's data area in pixels
 
 
-def nice_ticks(lo, hi, n=5) -> list:
-    """Round tick values (1, 2 or 5 times a power of ten apart) inside [lo, hi]."""
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (m * step) <= n)
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+def density_grid(gmm: GMM, size=PANEL) -> np.ndarray:
+    """gmm's density at plot.cell_centres over LIM x LIM, (size, size), blurred by one cell (the
+    noisy marginal p_sigma, sigma = cell width), so that a posterior thinner than a pixel (x1
+    std 0.001 at sigma_y = 0.001) still shows."""
+    cell = (LIM[1] - LIM[0]) / size
+    x = torch.from_numpy(plot.cell_centres(LIM, LIM, (size, size)).reshape(-1, 2))
+    return gmm.log_prob(x, cell).exp().view(size, size).numpy()
 
 
-class Axes:
-    """One plot in a Pillow image: box = (left, top, right, bottom) of the data area in pixels."""
-
-    def __init__(self, image, box, xlim, ylim, *, title="", xlabel="", ylabel="", logx=False,
-                 logy=False, yticks=None):
-        self.image, self.draw, self.box = image, ImageDraw.Draw(image), box
-        self.xlim, self.ylim, self.logx, self.logy = xlim, ylim, logx, logy
-        left, top, right, bottom = box
-        self.draw.rectangle(box, outline="black")
-        for v in (self._log_ticks(xlim) if logx else nice_ticks(*xlim)):
-            px = self.px(v, ylim[0])[0]
-            self.draw.line([(px, bottom), (px, bottom + 4)], fill="black")
-            self.draw.text((px, bottom + 6), self._fmt(v, logx), font=FONT, fill="black",
-                           anchor="mt")
-        for v in yticks or (self._log_ticks(ylim) if logy else nice_ticks(*ylim)):
-            label, v = (v if isinstance(v, tuple) else (self._fmt(v, logy), v))
-            py = self.px(xlim[0], v)[1]
-            self.draw.line([(left - 4, py), (left, py)], fill="black")
-            self.draw.text((left - 6, py), label, font=FONT, fill="black", anchor="rm")
-        self.draw.text(((left + right) / 2, top - 6), title, font=FONT, fill="black", anchor="mb")
-        self.draw.text(((left + right) / 2, bottom + 24), xlabel, font=FONT, fill="black",
-                       anchor="mt")
-        if ylabel:  # rotated text: draw on its own image, turn it, paste it left of the ticks
-            w = int(FONT.getlength(ylabel)) + 4
-            label = Image.new("RGBA", (w, 16), (255, 255, 255, 0))
-            ImageDraw.Draw(label).text((2, 1), ylabel, font=FONT, fill="black")
-            label = label.rotate(90, expand=True)
-            image.paste(label, (left - 58, (top + bottom - w) // 2), label)
-
-    @staticmethod
-    def _log_ticks(lim):
-        return [10.0**k for k in range(math.ceil(math.log10(lim[0]) - 1e-9),
-                                       math.floor(math.log10(lim[1]) + 1e-9) + 1)]
-
-    @staticmethod
-    def _fmt(v, log):
-        return f"1e{round(math.log10(v))}" if log else f"{v:g}"
-
-    def px(self, x, y):
-        """Data -> pixel coordinates (numpy arrays or floats)."""
-        left, top, right, bottom = self.box
-        fx = ((np.log10(x) - math.log10(self.xlim[0])) / math.log10(self.xlim[1] / self.xlim[0])
-              if self.logx else (np.asarray(x) - self.xlim[0]) / (self.xlim[1] - self.xlim[0]))
-        fy = ((np.log10(y) - math.log10(self.ylim[0])) / math.log10(self.ylim[1] / self.ylim[0])
-              if self.logy else (np.asarray(y) - self.ylim[0]) / (self.ylim[1] - self.ylim[0]))
-        return left + fx * (right - left), bottom - fy * (bottom - top)
-
-    def points(self, x, y, color, r=1.5):
-        left, top, right, bottom = self.box
-        for px, py in zip(*self.px(np.asarray(x), np.asarray(y)), strict=True):
-            if left <= px <= right and top <= py <= bottom:
-                self.draw.ellipse([px - r, py - r, px + r, py + r], fill=color)
-
-    def line(self, x, y, color, width=2):
-        px, py = self.px(np.asarray(x), np.asarray(y))
-        self.draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=color, width=width)
-
-    def hbar(self, y, x0, x1, color, height=0.6):
-        (a, top), (b, bottom) = self.px(x0, y + height / 2), self.px(x1, y - height / 2)
-        self.draw.rectangle([a, top, b, bottom], fill=color)
-
-    def legend(self, items, corner="ne"):
-        """items: (label, color); a box in the corner of the data area."""
-        left, top, right, bottom = self.box
-        w = max(FONT.getlength(label) for label, _ in items) + 30
-        h = 18 * len(items) + 6
-        x0 = right - w - 6 if corner[1] == "e" else left + 6
-        y0 = top + 6 if corner[0] == "n" else bottom - h - 6
-        self.draw.rectangle([x0, y0, x0 + w, y0 + h], fill="white", outline="#888888")
-        for j, (label, color) in enumerate(items):
-            yc = y0 + 12 + 18 * j
-            self.draw.line([(x0 + 5, yc), (x0 + 20, yc)], fill=color, width=4)
-            self.draw.text((x0 + 25, yc), label, font=FONT, fill="black", anchor="lm")
-
-
-def density_contours(ax: Axes, gmm: GMM, masses=(0.5, 0.9, 0.99)):
-    """Fill the data area with the highest-density regions of a 2-D mixture holding the given
-    probability masses (computed on the pixel grid), outlined where the region changes."""
-    left, top, right, bottom = (int(v) for v in ax.box)
-    w, h = right - left, bottom - top
-    xs = np.linspace(*ax.xlim, w)
-    ys = np.linspace(ax.ylim[1], ax.ylim[0], h)
-    grid = torch.tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=F64)
-    p = gmm.log_prob(grid).exp().numpy()
-    order = np.sort(p)[::-1]
-    mass = np.cumsum(order) / order.sum()
-    levels = [order[np.searchsorted(mass, m)] for m in masses]
-    band = sum((p >= lv).astype(int) for lv in levels).reshape(h, w)  # 0 outside .. 3 inside
-    shades = np.array([[255, 255, 255], [222, 235, 247], [158, 202, 225], [107, 174, 214]])
-    rgb = shades[band]
-    edge = np.zeros((h, w), bool)
-    edge[:, 1:] |= band[:, 1:] != band[:, :-1]
-    edge[1:, :] |= band[1:, :] != band[:-1, :]
-    rgb[edge] = [8, 69, 148]
-    ax.image.paste(Image.fromarray(rgb.astype(np.uint8)), (left, top))
-
-
-def draw_fig8(samples, post: GMM, sigma_y, path, cols=4, size=260):
-    """One panel per method: exact posterior HDR contours (sigma_y) and its samples on top."""
-    rows = math.ceil(len(samples) / cols)
-    image = Image.new("RGB", (cols * (size + 80) + 20, rows * (size + 80) + 50), "white")
-    ImageDraw.Draw(image).text((10, 8), "Fig. 8 setting: contours = exact posterior (50/90/99% "
-                               f"regions), sigma_y = {sigma_y:g}; dots = samples", font=FONT,
-                               fill="black")
+def draw_fig8(samples, sigma_y):
+    """One panel per entry of `samples`, all its points over the exact posterior it is compared
+    with, filled: its own sigma_y for an exact panel, the noise-free posterior (NOISE_FREE) for
+    the samplers, whose y is noise-free; the sigma_y posterior outlined where it is not the
+    filled one. The key fills the first free cell."""
+    prior, A_mat, y = fig8_problem()
+    grid = {s: density_grid(prior.posterior(A_mat, y, s)) for s in (sigma_y, NOISE_FREE)}
+    panels = []
     for j, (label, x) in enumerate(samples.items()):
-        left, top = 70 + (j % cols) * (size + 80), 60 + (j // cols) * (size + 80)
-        ax = Axes(image, (left, top, left + size, top + size), (-2.5, 2.5), (-2.5, 2.5),
-                  title=label, xlabel="x1", ylabel="x2" if j % cols == 0 else "")
-        density_contours(ax, post)
-        ax.draw.rectangle(ax.box, outline="black")
-        ax.points(x[:500, 0].numpy(), x[:500, 1].numpy(), "#d62728", r=1.5)
-    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
+        own = sigma_y if label == f"exact, sigma_y={sigma_y:g}" else NOISE_FREE
+        panels.append(plot.scatter_plot(
+            x[:, 0].numpy(), x[:, 1].numpy(), xlim=LIM, ylim=LIM, density=grid[own],
+            outline=grid[sigma_y] if own != sigma_y else None, title=label, xlabel="x1",
+            ylabel="x2" if j % 4 == 0 else "", size=PANEL))
+    n = len(next(iter(samples.values())))
+    panels.append(plot.legend([
+        (f"exact, sigma_y = {NOISE_FREE:g}: 50/90/99% regions", plot.SHADES[2], "fill"),
+        (f"exact, sigma_y = {sigma_y:g}: the same, outlined", plot.COLORS[3], "outline"),
+        (f"samples, all {n} of each method", plot.COLORS[1], "dot")]))
+    title = (f"Fig. 8 setting (A keeps x1, y = (0.5, 0)). Filled: the exact posterior a panel is "
+             f"compared with, 50/90/99% regions: sigma_y = {sigma_y:g} in the first panel, "
+             f"sigma_y = {NOISE_FREE:g}\n(noise-free, as the samplers' y) in all others; outlined: "
+             f"sigma_y = {sigma_y:g}. Dots: all {n} samples of each method, darker where "
+             "they pile up; triangles: samples beyond the axes.")
+    return plot.image_grid([panels[i:i + 4] for i in range(0, len(panels), 4)], title=title)
 
 
-def draw_lines(curves, path, title, xlabel, ylabel, xlim, ylim, logx=True, logy=True):
-    """curves: {label: (x, y)} as lines with a legend."""
-    image = Image.new("RGB", (760, 520), "white")
-    ax = Axes(image, (90, 40, 560, 460), xlim, ylim, title=title, xlabel=xlabel, ylabel=ylabel,
-              logx=logx, logy=logy)
-    items = []
-    for j, (label, (x, y)) in enumerate(curves.items()):
-        y = np.clip(np.asarray(y, float), ylim[0], ylim[1])
-        ax.line(x, y, COLORS[j % len(COLORS)])
-        items.append((label, COLORS[j % len(COLORS)]))
-    ax.box = (570, 40, 750, 460)  # the legend to the right of the data area
-    ax.legend(items, corner="nw")
-    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
-
-
-def draw_bars(groups, path, title, xlabel, xlim, logx=False, reference=None):
-    """Horizontal bars: groups {label: [(value, color), ...]}, one row per label; an optional
-    (value, label) reference line."""
-    labels = list(groups)
-    image = Image.new("RGB", (760, 60 + 34 * len(labels) + 60), "white")
-    box = (200, 40, 730, 40 + 34 * len(labels))
-    ax = Axes(image, box, xlim, (-0.5, len(labels) - 0.5), title=title, xlabel=xlabel,
-              logx=logx, yticks=[(lb, len(labels) - 1 - j) for j, lb in enumerate(labels)])
-    for j, label in enumerate(labels):
-        bars = groups[label]
-        for k, (value, color) in enumerate(bars):
-            yc = len(labels) - 1 - j + (k - (len(bars) - 1) / 2) * 0.8 / len(bars)
-            ax.hbar(yc, xlim[0], min(max(value, xlim[0]), xlim[1]), color,
-                    height=0.75 / len(bars))
-    if reference is not None:
-        for value, color in reference:
-            px = ax.px(value, 0)[0]
-            ax.draw.line([(px, box[1]), (px, box[3])], fill=color, width=2)
-    dmap.write_atomic(path, image.save)  # a crash never leaves half a file
+def draw_observations(obs, stats) -> dict:
+    """{file name: image} of the three observations: the implied-score error along the steps
+    (the last step, to sigma = 0, as dots); the norm of the mean score at the first step; each
+    method's per-coordinate spread against the exact one."""
+    s, last, sy = obs["sigmas"], len(obs["sigmas"]) - 1, obs["sigma_y"]
+    stretch = s[last] ** 2 / (s[last - 1] ** 2 - s[last] ** 2)  # 3.2 for 100 Karras steps
+    errors = obs["error"].items()
+    one = plot.line_plot(
+        {label: (s[:last], e[:last]) for label, e in errors},
+        points={label: ([s[last]], [e[last]]) for label, e in errors},
+        points_label=f"last step, sigma {s[last]:.2g} -> 0", logx=True, logy=True,
+        title=f"Observation I: implied score vs exact conditional score (sigma_y = {sy:g})\n"
+        f"Last step (dots), sigma {s[last]:.2g} -> 0: DSG and DMAP have no noise sphere there "
+        "and step\nunguided (their dots lie on the unconditional one); DPS's fixed step zeta g "
+        f"spreads\nover sigma^2 - 0, {stretch:.1f}x the previous step's sigma^2 - sigma_next^2, "
+        "so its error drops",
+        xlabel="sigma (sampling runs right to left)", ylabel="sigma * RMS error")
+    se = float(np.linalg.norm(obs["mean"]["exact conditional"]["se"]))
+    two = plot.bar_plot(
+        {label: [m["norm"]] for label, m in obs["mean"].items()}, logx=True,
+        series=["norm of the mean score"],
+        reference=[(se, "standard error, exact conditional (dashed)", plot.COLORS[1])],
+        title=f"Observation II: mean score over exact p(x_T | y) samples, sigma = {s[0]:g}\n"
+        "(every valid conditional score has mean zero)", xlabel="norm of the mean")
+    prior, A_mat, y = fig8_problem()
+    ref = exact_stats(prior.posterior(A_mat, y, sy))
+    three = plot.bar_plot(
+        {label: [st["std_x1"], st["std_x2"]] for label, st in stats.items()}, logx=True,
+        series=["std x1 (observed)", "std x2"],
+        reference=[(ref["std_x1"], f"exact std x1, sigma_y = {sy:g} (dashed)", plot.COLORS[0]),
+                   (ref["std_x2"], f"exact std x2, sigma_y = {sy:g} (dashed)", plot.COLORS[1])],
+        title="Observation III: the spread of each method's samples (the exact rows: exact "
+        "samples)", xlabel="standard deviation (log scale)")
+    return {"observation_1.png": one, "observation_2.png": two, "observation_3.png": three}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,9 +819,9 @@ def observation_tables(obs, samples) -> str:
 
 
 def benchmark_tables(rows) -> str:
-    """Markdown: SW mean ± 1.96 std / sqrt(n) over problems (aggregate_gmm_table.py, notes
-    §1.6) per (steps, method) x (d, dy); seconds per problem; the concentration of
-    ||x_{t-1} - mu|| / (sqrt(d) sigma_up)."""
+    """Markdown: SW mean ± 1.96 std / sqrt(n) over problems (aggregate_gmm_table.py,
+    docs/gmm_benchmark.md §1.6) per (steps, method) x (d, dy); seconds per problem; the
+    concentration of ||x_{t-1} - mu|| / (sqrt(d) sigma_up)."""
     results = [r for r in rows if r["method"] != "concentration"]
     out = ""
     for steps, eta in sorted({(r["steps"], r["eta"]) for r in results}):
@@ -801,14 +855,23 @@ def benchmark_tables(rows) -> str:
     return out
 
 
-def write_text(path: str, text: str):
-    """Write a table atomically (dmap.write_atomic): a crash never leaves half a file."""
-    dmap.write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+def write(path: str, value):
+    """A figure or a text, atomically (dmap.write_atomic): a crash never leaves half a file."""
+    if isinstance(value, Image.Image):
+        dmap.write_atomic(path, value.save)
+    else:
+        dmap.write_atomic(path, lambda tmp: Path(tmp).write_text(value))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError on bad input, so that main prints one `error:` line."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="all",
                         choices=["all", "fig8", "observations", "benchmark"],
                         help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
@@ -816,84 +879,123 @@ def main():
     parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--sigma-y", type=float, default=1.0,
-                        help="likelihood noise that defines the exact posterior of Fig. 8")
-    parser.add_argument("--samples", type=int, default=2000, help="samples per Fig. 8 method")
+                        help="likelihood noise that defines the exact posterior of Fig. 8 and "
+                        "the observations (> 0)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per Fig. 8 method (default 2000; 200 with --quick)")
     parser.add_argument("--problems", type=int, default=None,
                         help="benchmark problems per cell (default 20; 2 in the slice of 'all')")
     parser.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=None,
                         help="benchmark dimensions d (default all; 8 in the slice of 'all')")
     parser.add_argument("--dys", type=int, nargs="+", choices=DYS, default=DYS,
                         help="benchmark measurement sizes dy")
-    parser.add_argument("--bench-samples", type=int, default=2000,
-                        help="benchmark samples per method and reference (protocol: 2000)")
+    parser.add_argument("--bench-samples", type=int, default=None,
+                        help="benchmark samples per method and reference (protocol: 2000, the "
+                        "default; 100 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, all cores; 1 on a busy box)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and 20 steps, for tests; numbers are not meaningful")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    steps = 20 if args.quick else 100
-    n = 200 if args.quick else args.samples
-    summary, t0 = {}, time.time()
+                        help="tiny default sizes and 20 steps, for tests (explicit flags still "
+                        "win); numbers are not meaningful")
+    args = parser.parse_args(argv)
+    for name, quick, full in (("samples", 200, 2000), ("bench_samples", 100, 2000)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name, least in (("samples", 2), ("problems", 1), ("bench_samples", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not args.sigma_y > 0:
+        raise ValueError(f"--sigma-y must be > 0, got {args.sigma_y:g} (the noise-free "
+                         f"posterior is --sigma-y {NOISE_FREE:g})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder; choose another --out")
+    return args
+
+
+def compute(args, progress) -> dict:
+    """Every part that args.part names; returns {file name: figure or text}, written by main.
+    progress(desc, total, unit) -> a tqdm bar."""
+    steps, outputs, text, summary = 20 if args.quick else 100, {}, "", {}
     if args.part in ("all", "fig8", "observations"):
-        prior, A_mat, y = fig8_problem()
-        post = prior.posterior(A_mat, y, args.sigma_y)
-        samples = fig8(n, args.sigma_y, args.seed, steps)
-        draw_fig8(samples, post, args.sigma_y, os.path.join(args.out, "fig8.png"))
+        bar = progress("Fig. 8: samplers", len(FIG8_RUNS), "run")
+        samples = fig8(args.samples, args.sigma_y, args.seed, steps, lambda _: bar.update())
+        bar.close()
+        outputs["fig8.png"] = draw_fig8(samples, args.sigma_y)
         text = fig8_tables(samples, args.sigma_y)
+        prior, A_mat, y = fig8_problem()
         summary["fig8"] = {label: sample_stats(x) for label, x in samples.items()}
+        summary["fig8_exact"] = {f"exact, sigma_y={s:g}": exact_stats(prior.posterior(
+            A_mat, y, s)) for s in (args.sigma_y, NOISE_FREE)}  # closed form
         print(text)
     if args.part in ("all", "observations"):
-        obs = observations(args.sigma_y, 100 if args.quick else 250,
-                           500 if args.quick else 10000, args.seed, steps)
+        bar = progress("Observation I steps, then II", steps + 1, "step")
+        obs = observations(args.sigma_y, 100 if args.quick else 250, 500 if args.quick else 10000,
+                           args.seed, steps, lambda _: bar.update())
+        bar.close()
         summary["observations"] = obs
-        curves = {label: (obs["sigmas"], e) for label, e in obs["error"].items()}
-        draw_lines(curves, os.path.join(args.out, "observation_1.png"),
-                   "Observation I: implied score vs exact conditional score", "sigma",
-                   "sigma * RMS error", (1e-3, 10), (1e-3, 1e3))
-        means = {label: [(m["norm"], COLORS[0])] for label, m in obs["mean"].items()}
-        draw_bars(means, os.path.join(args.out, "observation_2.png"),
-                  f"Observation II: |mean score| at sigma = {obs['sigmas'][0]:g} (bar) vs "
-                  "standard error (line)", "norm of the mean over exact p(x_T | y) samples",
-                  (1e-4, 1e0), logx=True,
-                  reference=[(float(np.linalg.norm(obs["mean"]["exact conditional"]["se"])),
-                              "#d62728")])
-        ref = exact_stats(post)
-        stds = {label: [(st["std_x1"], COLORS[0]), (st["std_x2"], COLORS[1])]
-                for label, st in summary["fig8"].items()}
-        draw_bars(stds, os.path.join(args.out, "observation_3.png"),
-                  f"Observation III: std of x1 (blue), x2 (red); lines: exact, sigma_y = "
-                  f"{args.sigma_y:g}", "standard deviation", (0, 1.2),
-                  reference=[(ref["std_x1"], COLORS[0]), (ref["std_x2"], COLORS[1])])
-        text += "\n" + observation_tables(obs, samples)
-        print(observation_tables(obs, samples))
+        outputs.update(draw_observations(obs, summary["fig8"]))
+        tables = observation_tables(obs, samples)
+        text += "\n" + tables
+        print(tables)
     if args.part in ("all", "benchmark"):
         full = args.part == "benchmark"
         dims = args.dims or (DIMS if full else [8])
         problems = args.problems or (20 if full else 2)
         settings = [(5, 1.0)] if args.quick else SETTINGS
-        n_bench = 100 if args.quick else args.bench_samples
         rows, methods = [], list(dmap.SAMPLERS)
         runs = len(dims) * len(args.dys) * len(settings) * problems * (len(methods) + 2)
-        bar = tqdm(total=runs, desc="benchmark (problem, method) runs")
-        for r in benchmark(dims, args.dys, settings, problems, n_bench, args.seed, methods,
-                           conc_n=50 if args.quick else 500):
+        bar = progress("benchmark (problem, method) runs", runs, "run")
+        for r in benchmark(dims, args.dys, settings, problems, args.bench_samples, args.seed,
+                           methods, conc_n=50 if args.quick else 500):
             rows.append(r)
             bar.update(r["method"] != "concentration")
         bar.close()
         table = benchmark_tables(rows)
         name = "benchmark" if full else "benchmark_slice"
-        write_text(os.path.join(args.out, name + ".md"),
-                   f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}")
-        write_text(os.path.join(args.out, name + ".json"), json.dumps(rows))
+        outputs[name + ".md"] = f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}"
+        outputs[name + ".json"] = json.dumps(rows)
         print(table)
     if args.part != "benchmark":
-        write_text(os.path.join(args.out, "summary.md"), text)
-        write_text(os.path.join(args.out, "summary.json"), json.dumps(summary))
+        outputs["summary.md"], outputs["summary.json"] = text, json.dumps(summary)
+    return outputs
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bars, written, t0 = [], [], time.time()
+
+    def progress(desc, total, unit):
+        bars.append(tqdm(total=total, desc=desc, unit=unit))
+        return bars[-1]
+
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        outputs = compute(args, progress)
+        for name, value in outputs.items():
+            write(os.path.join(args.out, name), value)
+            written.append(name)
+    except KeyboardInterrupt:
+        for bar in bars:
+            bar.close()
+        where = (f"{bars[-1].desc}, {bars[-1].n} of {bars[-1].total} {bars[-1].unit}s done"
+                 if bars and bars[-1].n < bars[-1].total else "writing the outputs")
+        done = f"{len(written)} files written, each complete" if written else "nothing written"
+        print(f"interrupted in {where}; {done}", file=sys.stderr)
+        return 130
+    except OSError as e:  # creating or writing the output folder
+        print(f"error: cannot write to --out {args.out} ({e.strerror}); choose another --out",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

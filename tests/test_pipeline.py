@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, randomize
+from conftest import assert_close, ldm_state, openclip_state, random_ldm_state, randomize
 from PIL import Image
 
 import clip
@@ -116,53 +116,97 @@ def test_every_sampler_on_tiny_sd(pipeline, method):
     denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
     op = operators.SR(size=32, factor=4)
     y = op(torch.rand(1, 3, 32, 32) * 2 - 1)
-
-    def decode(z):
-        return sd.vae.decode(z / vae.SCALING_FACTOR)
-
     kwargs = {"resample": dict(iters=5)}.get(method, {})
-    A = op if method == "psld" else (lambda z: op(decode(z)))
-    if method == "psld":
-        kwargs = dict(adjoint=op.adjoint, decode=decode,
-                      encode=lambda image: sd.vae.encode(image)[0] * vae.SCALING_FACTOR)
+    kwargs |= dmap.model_parts(method, H=op, adjoint=op.adjoint, decode=sd.decode,
+                               encode=sd.encode)
     sigmas = dmap.sd_sigmas(4, sd.abar)
     outs = [dmap.SAMPLERS[method](denoiser, sigmas[0] * torch.randn(
-        1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), y, A, sigmas,
-        generator=torch.Generator().manual_seed(1), **kwargs) for _ in range(2)]
+        1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), y,
+        lambda z: op(sd.decode(z)), sigmas, generator=torch.Generator().manual_seed(1),
+        **kwargs) for _ in range(2)]
     assert outs[0].shape == (1, 4, 4, 4) and torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
 
 
-def test_cli_end_to_end(pipeline, tmp_path):
+def astronaut_file(tmp_path, crop=(slice(None), slice(None))):
     from skimage.data import astronaut
 
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()[crop]).save(path)
+    return path
+
+
+def test_cli_end_to_end(pipeline, tmp_path, capsys):
     root, _ = pipeline
-    image = tmp_path / "astronaut.png"
-    Image.fromarray(astronaut()[:400, 50:500]).save(image)  # not square: centre-cropped
+    image = astronaut_file(tmp_path, (slice(0, 400), slice(50, 500)))  # not square: cropped
     out = tmp_path / "out"
     args = [str(image), "--model", root, "--out", str(out), "--size", "64", "--steps", "4",
             "--device", "cpu"]
     assert dmap.main(args + ["--method", "dmap", "--op", "sr"]) == 0
-    record = json.loads((out / "astronaut_dmap_sr.json").read_text())
-    assert record["sampler_kwargs"]["K"] == 3 and record["sampler_kwargs"]["zeta"] == 4.8
-    assert np.isfinite(record["psnr"]) and record["steps"] == 4
-    restored = np.asarray(Image.open(out / "astronaut_dmap_sr.png"))
+    stem = "astronaut_dmap_sr_size64_steps4"  # the settings that differ from the defaults
+    record = json.loads((out / f"{stem}.json").read_text())
+    assert record["sampler"] == dict(eta=1.0, zeta=4.8, K=3, steps=4)
+    assert record["operator"] == dict(size=64, factor=8) and record["image"] == str(image)
+    assert np.isfinite(record["psnr"]) and record["outputs"][-1] == f"{stem}.json"
+    last = capsys.readouterr().out.strip().split("\n")[-1]
+    assert last.startswith(f"wrote {stem}.png, ") and "PSNR" in last and "s in all" in last
+    restored = np.asarray(Image.open(out / f"{stem}.png"))
     assert restored.shape == (64, 64, 3)
-    assert np.asarray(Image.open(out / "astronaut_dmap_sr_y.png")).shape == (8, 8, 3)
-    assert np.asarray(Image.open(out / "astronaut_dmap_sr_panel.png")).shape == (64, 192, 3)
+    assert np.asarray(Image.open(out / f"{stem}_y.png")).shape == (8, 8, 3)
+    panel = np.asarray(Image.open(out / f"{stem}_panel.png"))
+    assert panel.shape[0] > 64 and panel.shape[1] > 3 * 64  # titles over, lines between
     # nothing is overwritten without --force; with it, the same seed gives the same image
-    before = (out / "astronaut_dmap_sr.png").stat().st_mtime_ns
+    before = (out / f"{stem}.png").stat().st_mtime_ns
     assert dmap.main(args + ["--method", "dmap", "--op", "sr"]) == 2
-    assert (out / "astronaut_dmap_sr.png").stat().st_mtime_ns == before
+    assert (out / f"{stem}.png").stat().st_mtime_ns == before
     assert dmap.main(args + ["--method", "dmap", "--op", "sr", "--force"]) == 0
-    assert np.array_equal(np.asarray(Image.open(out / "astronaut_dmap_sr.png")), restored)
+    assert np.array_equal(np.asarray(Image.open(out / f"{stem}.png")), restored)
+    # a sweep needs no new --out: each setting names its files; --name names them directly
+    for zeta in ("1", "2"):
+        assert dmap.main(args + ["--method", "dps", "--op", "sr", "--zeta", zeta]) == 0
+        assert (out / f"astronaut_dps_sr_size64_steps4_zeta{zeta}.png").exists()
+    assert dmap.main(args + ["--method", "ddpm", "--op", "blur", "--name", "plain"]) == 0
+    record = json.loads((out / "plain.json").read_text())
+    assert record["sampler"] == dict(eta=1.0, steps=4) and record["operator"] == dict(size=64)
     # PSLD takes the pixel operator and its adjoint; --observed reads the image as y
     assert dmap.main(args + ["--method", "psld", "--op", "inpaint_random"]) == 0
-    assert dmap.main(args + ["--method", "ddpm", "--op", "blur"]) == 0  # no loss to show
-    assert dmap.main([str(out / "astronaut_dmap_sr_y.png"), "--observed", "--model", root,
-                      "--out", str(out), "--size", "64", "--steps", "2", "--method", "dps",
-                      "--op", "sr"]) == 0
-    assert json.loads((out / "astronaut_dmap_sr_y_dps_sr.json").read_text())["psnr"] is None
+    assert dmap.main([str(out / f"{stem}_y.png"), "--observed", "--model", root, "--out",
+                      str(out), "--size", "64", "--steps", "2", "--method", "dps", "--op", "sr",
+                      "--name", "observed"]) == 0
+    assert "psnr" not in json.loads((out / "observed.json").read_text())
+    assert "PSNR" not in capsys.readouterr().out.strip().split("\n")[-1]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_inpaint_box_scales_with_the_image(pipeline, tmp_path, size):
+    root, _ = pipeline
+    image = astronaut_file(tmp_path)
+    assert dmap.main([str(image), "--model", root, "--out", str(tmp_path), "--size", str(size),
+                      "--steps", "2", "--method", "dps", "--op", "inpaint", "--name", "a"]) == 0
+    y = np.asarray(Image.open(tmp_path / "a_y.png"))
+    hole = (y == 127) | (y == 128)  # masked pixels are 0 in [-1, 1]
+    assert hole.all(axis=2).sum() == (size // 4) ** 2
+
+
+def test_cli_ctrl_c(pipeline, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while sampling: one line, exit code 130, nothing written (not even the folder)."""
+    root, _ = pipeline
+    dps = dmap.SAMPLERS["dps"]
+
+    def interrupted(*args, callback, **kwargs):
+        def stop(d):  # Ctrl-C during the second step, before it is done
+            if d["i"] == 1:
+                raise KeyboardInterrupt
+            callback(d)
+        return dps(*args, callback=stop, **kwargs)
+
+    monkeypatch.setitem(dmap.SAMPLERS, "dps", interrupted)
+    out = tmp_path / "o"
+    assert dmap.main([str(astronaut_file(tmp_path)), "--model", root, "--out", str(out),
+                      "--size", "64", "--steps", "3", "--method", "dps"]) == 130
+    last = capsys.readouterr().err.strip().split("\n")[-1]
+    assert last == "interrupted at step 2 of 3; nothing written"
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -174,10 +218,15 @@ def test_cli_end_to_end(pipeline, tmp_path):
     (["--method", "freedom", "--repeats", "0"], "--repeats must be >= 1"),
     (["--K", "0"], "--K must be >= 1"),
     (["--method", "dps", "--K", "2"], "--K does not apply"),
+    (["--method", "ddpm", "--zeta", "1"], "--zeta does not apply to --method ddpm"),
+    (["--op", "blur", "--sr-factor", "5"], "--sr-factor applies to --op sr only"),
+    (["--op", "blur", "--kernel-weights", "k.safetensors"], "applies to --op nonlinear_blur"),
+    (["--method", "dps", "--dmap-setting", "same"], "--dmap-setting does not apply"),
+    (["--observed", "--sigma-y", "0.1"], "with --observed, y is read as it is"),
     (["--sigma-y", "-0.1"], "--sigma-y must be >= 0"),
     (["--op", "nonlinear_blur", "--size", "128"], "GOPRO_wVAE.safetensors: no such file"),
     (["--zeta", "1e30", "--method", "dps"], "try a smaller --zeta"),
-    (["--out", "/proc/forbidden"], "--out"),
+    (["--out", "/proc/forbidden"], "cannot create files under /proc"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "try --device cpu"),
     (["--device", "banana"], "try --device cpu"),
 ])
@@ -192,6 +241,7 @@ def test_cli_bad_input(pipeline, tmp_path, capsys, extra, message):
     assert dmap.main(args + extra) == 2
     last = capsys.readouterr().err.strip().split("\n")[-1]  # after any progress bar
     assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "o").exists()  # the output folder is made only to write outputs
 
 
 def test_cli_bad_images(pipeline, tmp_path, capsys):
@@ -229,9 +279,6 @@ def test_load_sd2_single_file(tmp_path, monkeypatch):
     import functools
 
     from safetensors.torch import save_file
-    from test_clip import openclip_state
-    from test_unet import ldm_state
-    from test_vae import random_ldm_state
 
     import unet
 
@@ -254,3 +301,19 @@ def test_load_sd2_single_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="tokenizer/ folder"):
         dmap.encode_prompt(sd, "a photo")
     assert dmap.load_sd2(str(path), prediction="v", dtype=torch.float16).prediction == "v"
+
+
+def test_help_shows_every_default(capsys):
+    """Every option but the switches states its default in --help."""
+    import re
+
+    with pytest.raises(SystemExit):
+        dmap.parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    entries = re.split(r"\n  (?=--)", text)[1:]  # one per option, wrapped lines included
+    assert len(entries) == 28
+    for entry in entries:
+        flag = entry.split()[0]
+        assert "default" in entry or flag in ("--force", "--observed", "--no-crop"), flag
+    text = " ".join(text.split())
+    assert "(default: 200)" in text and "(default: 0.2 0.5)" in text  # read from the samplers

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, linear_operator
 
 import dmap
 
-# The scheduler config of stabilityai/stable-diffusion-2-base (sd2_formats.md §1.3).
+# The scheduler config of stabilityai/stable-diffusion-2-base (docs/sd2_formats.md §1.3).
 SD2_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
                      clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
@@ -23,18 +23,25 @@ def euler_ancestral(steps):
     return scheduler
 
 
-@pytest.mark.parametrize("steps", [500, 250, 37])
-def test_sd_schedule_equals_diffusers(steps):
+@pytest.mark.parametrize("steps", [25, 50, 250, 500, 1000])
+def test_sd_schedule_is_diffusers_bit_for_bit(steps):
     scheduler = euler_ancestral(steps)
     abar = dmap.sd_abar()
-    assert_close(abar, scheduler.alphas_cumprod, 1e-7, what="abar")
-    sigmas = dmap.sd_sigmas(steps, abar)
-    assert_close(sigmas, scheduler.sigmas, 1e-6, what="sigmas")
-    table = ((1 - abar) / abar).sqrt().double()
-    t = torch.tensor([dmap.sigma_to_t(s, table) for s in sigmas[:-1].tolist()])
-    assert_close(t, scheduler.timesteps, 2e-4, rel=False, what="fractional timesteps")
-    if steps == 500:  # official_code.md §2.2
+    assert torch.equal(abar, scheduler.alphas_cumprod)
+    assert torch.equal(dmap.sd_sigmas(steps, abar), scheduler.sigmas)
+    if steps == 500:  # docs/official_code.md §2.2
+        sigmas = dmap.sd_sigmas(steps, abar)
         assert abs(sigmas[0].item() - 14.6146) < 1e-4 and abs(sigmas[-2].item() - 0.02917) < 1e-5
+
+
+@pytest.mark.parametrize("steps", [37, 500])
+def test_sigma_to_t_inverts_the_schedule(steps):
+    abar = dmap.sd_abar()
+    table = (((1 - abar) / abar) ** 0.5).double().numpy()
+    sigmas = dmap.sd_sigmas(steps, abar)[:-1].tolist()
+    t = torch.tensor([dmap.sigma_to_t(s, table) for s in sigmas], dtype=torch.float64)
+    assert_close(t, euler_ancestral(steps).timesteps, 2e-4, rel=False, what="timesteps")
+    assert dmap.sigma_to_t(0.0, table) == 0 and dmap.sigma_to_t(1e3, table) == 999
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -66,6 +73,7 @@ D, DY = 64, 8
 
 
 def gaussian_problem(seed=0, batch=16):
+    """denoiser, x, y, A, sigmas and the model parts PSLD takes (dmap.model_parts)."""
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(D, generator=g)
     M = torch.randn(DY, D, generator=g) / math.sqrt(D)
@@ -77,7 +85,8 @@ def gaussian_problem(seed=0, batch=16):
 
     sigmas = dmap.karras_sigmas(30, 0.01, 20.0)
     x = sigmas[0] * torch.randn(batch, D, generator=g)
-    return denoiser, x, y, (lambda x0: x0 @ M.T), sigmas
+    A, parts = linear_operator(M)
+    return denoiser, x, y, A, sigmas, parts
 
 
 HYPER = {"ddpm": {}, "dps": dict(zeta=0.5), "dsg": dict(zeta=0.3), "dmap": dict(zeta=0.5),
@@ -86,13 +95,10 @@ HYPER = {"ddpm": {}, "dps": dict(zeta=0.5), "dsg": dict(zeta=0.3), "dmap": dict(
 
 
 def run(method, seed=0, batch=16, **extra):
-    denoiser, x, y, A, sigmas = gaussian_problem(seed, batch)
-    kwargs = dict(HYPER[method], **extra)
-    if method == "psld":
-        M = A(torch.eye(D)).T  # (DY, D)
-        kwargs["adjoint"] = lambda v: v @ M
+    denoiser, x, y, A, sigmas, parts = gaussian_problem(seed, batch)
     return dmap.SAMPLERS[method](denoiser, x, y, A, sigmas, generator=torch.Generator()
-                                 .manual_seed(1), **kwargs), y, A
+                                 .manual_seed(1), **dmap.model_parts(method, **parts),
+                                 **dict(HYPER[method], **extra)), y, A
 
 
 def fit(x, y, A):
@@ -114,11 +120,8 @@ def test_sampler_fits_y_and_is_reproducible(method):
 @pytest.mark.parametrize("method", sorted(HYPER))
 def test_batch_elements_are_independent(method):
     """Sample 0 does not depend on what else is in the batch (per-sample norms and radii)."""
-    denoiser, x, y, A, sigmas = gaussian_problem(0, 2)
-    kwargs = dict(HYPER[method])
-    if method == "psld":
-        M = A(torch.eye(D)).T
-        kwargs["adjoint"] = lambda v: v @ M
+    denoiser, x, y, A, sigmas, parts = gaussian_problem(0, 2)
+    kwargs = dict(HYPER[method], **dmap.model_parts(method, **parts))
     outs = []
     for other in (1.0, -3.0):
         xb, yb = x.clone(), y.repeat(2, 1)
@@ -130,7 +133,7 @@ def test_batch_elements_are_independent(method):
 
 def test_dmap_stays_on_the_sphere():
     """After every step, ||x_{t-1} - mu|| = sqrt(n) sigma_up, mu the ancestral mean (Alg. 2)."""
-    denoiser, x, y, A, sigmas = gaussian_problem(0, 4)
+    denoiser, x, y, A, sigmas, _ = gaussian_problem(0, 4)
     xs = [x]
     dmap.dmap(denoiser, x, y, A, sigmas, zeta=0.5, generator=torch.Generator().manual_seed(0),
               callback=lambda d: xs.append(d["x"]))
@@ -143,7 +146,7 @@ def test_dmap_stays_on_the_sphere():
 
 
 def test_ddpm_matches_exact_prior_and_ddim_is_deterministic():
-    denoiser, x, y, A, sigmas = gaussian_problem(0, 4000)
+    denoiser, x, y, A, sigmas, _ = gaussian_problem(0, 4000)
     m = torch.randn(D, generator=torch.Generator().manual_seed(0))  # gaussian_problem's mean
     x0 = dmap.ddpm(denoiser, x, y, A, dmap.karras_sigmas(200, 0.002, 80.0),
                    generator=torch.Generator().manual_seed(0))
@@ -164,22 +167,37 @@ def test_denoiser_calls_per_step():
     """Cost in denoiser calls per step (for the closing note); DMAP: 1 + K (no grad + K grads)."""
     calls = {}
     for method in HYPER:
-        denoiser, x, y, A, sigmas = gaussian_problem(0, 2)
+        denoiser, x, y, A, sigmas, parts = gaussian_problem(0, 2)
         count = [0]
 
         def counted(x, sigma, denoiser=denoiser, count=count):
             count[0] += 1
             return denoiser(x, sigma)
 
-        kwargs = dict(HYPER[method])
-        if method == "psld":
-            M = A(torch.eye(D)).T
-            kwargs["adjoint"] = lambda v, M=M: v @ M
-        dmap.SAMPLERS[method](counted, x, y, A, sigmas, **kwargs)
+        dmap.SAMPLERS[method](counted, x, y, A, sigmas, **dmap.model_parts(method, **parts),
+                              **HYPER[method])
         calls[method] = count[0] / (len(sigmas) - 1)
     print(json.dumps(calls))
     n = len(sigmas) - 1
     assert calls["dps"] == calls["dsg"] == calls["psld"] == calls["resample"] == calls["ddpm"] == 1
     assert calls["dmap"] == (n + 3 * (n - 1)) / n  # 1 + K per step; the last step has radius 0
-    first, last = int(0.2 * n), int(0.5 * n)
+    first, last = dmap.loop_step(0.2, n), dmap.loop_step(0.5, n)
     assert calls["freedom"] == (n + last - first + 1) / n
+
+
+def test_dmap_callback_reports_x0_hat_at_sigma_and_loss_at_the_returned_point():
+    """After step i: x0_hat = x0_hat(x_t) at sigmas[i]; loss = ||A(x0_hat(x_{t-1})) - y|| at the
+    point the step returns (x0_hat at sigma 0 is the point itself)."""
+    denoiser, x, y, A, sigmas, _ = gaussian_problem(0, 4)
+    seen = []
+    dmap.dmap(denoiser, x, y, A, sigmas, zeta=0.5, generator=torch.Generator().manual_seed(0),
+              callback=seen.append)
+    s = sigmas.tolist()
+    assert [d["i"] for d in seen] == list(range(len(s) - 1))
+    for d in seen:
+        i = d["i"]
+        assert d["sigma"] == s[i]
+        assert_close(d["x0_hat"], denoiser(x, s[i]), 1e-6, what=f"x0_hat at step {i}")
+        x0_next = denoiser(d["x"], s[i + 1]) if s[i + 1] > 0 else d["x"]
+        assert_close(d["loss"], (A(x0_next) - y).norm(dim=1), 1e-5, what=f"loss at step {i}")
+        x = d["x"]

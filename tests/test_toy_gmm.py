@@ -1,6 +1,8 @@
 """The exact Gaussian-mixture formulas of toy_gmm.py against autograd, closed forms and Monte
-Carlo; the MCGdiff protocol's DPS step against our dps; every sampler on a Gaussian prior."""
+Carlo; the MCGdiff protocol's DPS step against our dps. (Every sampler fitting y on a Gaussian
+prior: tests/test_samplers.py.)"""
 
+import json
 import math
 
 import pytest
@@ -76,7 +78,7 @@ def test_posterior_closed_form_and_importance_sampling(kind):
     A = torch.randn(2, 3, generator=g, dtype=F64)
     y = A @ gmm.sample(1, g)[0] + sigma_y * torch.randn(2, generator=g, dtype=F64)
     post = gmm.posterior(A, y, sigma_y)
-    # the weights of notes/gmm_benchmark.md §1.6: w'_k ∝ w_k N(y; A m_k, sigma_y^2 I + A C_k A^T)
+    # the weights of docs/gmm_benchmark.md §1.6: w'_k ∝ w_k N(y; A m_k, sigma_y^2 I + A C_k A^T)
     S = A @ gmm.cov @ A.T + sigma_y**2 * torch.eye(2, dtype=F64)
     logw = gmm.weights.log() + torch.distributions.MultivariateNormal(
         gmm.means @ A.T, S).log_prob(y)
@@ -111,6 +113,87 @@ def test_isotropic_posterior_equals_general():
     assert_close(iso.cov, gen.cov, 1e-12, what="covariances")
     x = torch.randn(7, 5, dtype=F64)
     assert_close(iso.score(x, 0.4), gen.score(x, 0.4), 1e-10, what="noisy posterior score")
+
+
+def low_rank_pair(kind, d=300):
+    """A reference GMM with one isotropic covariance and means in a low-dimensional span, its
+    LowRankGMM and a measurement (A, y, sigma_y): "random", 6 means in a random 3-D span of R^d,
+    covariance 0.7 I; "protocol", the benchmark prior (d = 800, q = 2) and a dy = 4 problem."""
+    g = torch.Generator().manual_seed(12)
+    if kind == "random":
+        basis = torch.linalg.qr(torch.randn(d, 3, generator=g, dtype=F64))[0]  # (d, 3)
+        weights = torch.rand(6, generator=g, dtype=F64) + 0.2
+        means = 3 * torch.randn(6, 3, generator=g, dtype=F64) @ basis.T
+        ref = GMM.from_cov(weights / weights.sum(), means, torch.full((6,), 0.7, dtype=F64))
+        A, sigma_y = torch.randn(2, d, generator=g, dtype=F64) / d**0.5, 0.3
+        y = A @ ref.sample(1, g)[0] + sigma_y * torch.randn(2, generator=g, dtype=F64)
+    else:
+        weights = torch.randn(25, generator=g, dtype=F64) ** 2
+        ref, A, y, sigma_y = toy_gmm.protocol_problem(800, 4, weights / weights.sum(), g)
+    return ref, toy_gmm.LowRankGMM.from_gmm(ref), A, y, sigma_y
+
+
+@pytest.mark.parametrize("kind", ["random", "protocol"])
+def test_low_rank_equals_reference(kind):
+    """LowRankGMM against GMM, the reference path, in float64: max error <= 1e-10 x the largest
+    reference value (responsibilities, weights: absolute 1e-10) for log_prob,
+    responsibilities, score, denoiser and its vector-Jacobian product (what the samplers'
+    autograd takes), at sigma 0 to 150 (the benchmark starts at 156.6), for the prior, its
+    posterior and the VP marginal q_t (scaled) of dps_protocol."""
+    ref, low, A, y, sigma_y = low_rank_pair(kind)
+    assert low.Q.shape[1] == (3 if kind == "random" else 2)
+    assert_close(low.means, ref.means, 1e-12, what="means")
+    post_ref, post_low = ref.posterior(A, y, sigma_y), low.posterior(A, y, sigma_y)
+    assert post_low.Q.shape[1] == low.Q.shape[1] + len(A)
+    assert_close(post_low.weights, post_ref.weights, 1e-10, rel=False, what="posterior weights")
+    assert_close(post_low.means, post_ref.means, 1e-10, what="posterior means")
+    pairs = [("prior", ref, low), ("posterior", post_ref, post_low),
+             ("q_t", ref.scaled(0.3, 0.95), low.scaled(0.3, 0.95))]
+    g = torch.Generator().manual_seed(13)
+    for sigma in (0.0, 0.1, 1.0, 10.0, 150.0):
+        for name, a, b in pairs:
+            tag = f"{name}, sigma={sigma:g}"
+            x = a.noisy(sigma).sample(32, g).requires_grad_(True)
+            assert_close(b.log_prob(x, sigma), a.log_prob(x, sigma), 1e-10, what=f"log_prob {tag}")
+            assert_close(b.responsibilities(x, sigma), a.responsibilities(x, sigma), 1e-10,
+                         rel=False, what=f"responsibilities {tag}")
+            assert_close(b.score(x, sigma), a.score(x, sigma), 1e-10, what=f"score {tag}")
+            x0_hat_a, x0_hat_b = a.denoiser(x, sigma), b.denoiser(x, sigma)
+            assert_close(x0_hat_b, x0_hat_a, 1e-10, what=f"denoiser {tag}")
+            v = torch.randn(x.shape, generator=g, dtype=F64)
+            (vjp_a,) = torch.autograd.grad((x0_hat_a * v).sum(), x)
+            (vjp_b,) = torch.autograd.grad((x0_hat_b * v).sum(), x)
+            assert_close(vjp_b, vjp_a, 1e-10, what=f"v^T d x0_hat / dx {tag}")
+
+
+def test_low_rank_sampling():
+    """LowRankGMM's exact samplers against the reference mixture: the moments of sample() for
+    the prior and the posterior against their closed forms; sample_x0 draws against the
+    reference's draws (mean and covariance) and the denoiser."""
+    ref, low, A, y, sigma_y = low_rank_pair("random", d=12)
+    g = torch.Generator().manual_seed(14)
+    for a, b in ((ref, low), (ref.posterior(A, y, sigma_y), low.posterior(A, y, sigma_y))):
+        xs = b.sample(400_000, g)
+        second = torch.einsum("k,kde->de", a.weights,
+                              a.cov + a.means[:, :, None] * a.means[:, None])
+        assert_close(xs.mean(0), a.weights @ a.means, 0.02, rel=False, what="sample mean")
+        assert_close(xs.T @ xs / len(xs), second, 0.02, what="sample second moment")
+    sigma = 0.8
+    x = ref.noisy(sigma).sample(4, g).repeat_interleave(50_000, 0)
+    draws = {name: gmm.sample_x0(x, sigma, g).view(4, 50_000, 12) for name, gmm in
+             (("reference", ref), ("low rank", low))}
+    assert_close(draws["low rank"].mean(1), low.denoiser(x[::50_000], sigma), 0.03, rel=False,
+                 what="mean of sample_x0 vs denoiser")
+    cov = {name: torch.einsum("bnd,bne->bde", v - v.mean(1, keepdim=True),
+                              v - v.mean(1, keepdim=True)) / 50_000
+           for name, v in draws.items()}
+    assert_close(cov["low rank"], cov["reference"], 0.03, rel=False,
+                 what="covariance of sample_x0 draws")
+
+
+def test_low_rank_needs_one_isotropic_covariance():
+    with pytest.raises(ValueError, match="one isotropic covariance"):
+        toy_gmm.LowRankGMM.from_gmm(random_gmm("scalar"))  # three different scalars
 
 
 def test_fig8_exact_mode_weights():
@@ -152,7 +235,7 @@ def test_sliced_wasserstein():
 
 
 def test_protocol_schedule():
-    """The adapted 20-step schedule of notes §1.4 and the ends of the sigma schedule."""
+    """The adapted 20-step schedule (docs/gmm_benchmark.md §1.4); the ends of the sigmas."""
     abar = toy_gmm.protocol_abar()
     assert toy_gmm.protocol_timesteps(20, abar) == [0, 6, 13, 20, 28, 36, 45, 55, 66, 78, 92,
                                                     108, 127, 151, 182, 226, 299, 510, 755, 999]
@@ -203,24 +286,6 @@ def gaussian_prior(d=6, dy=2, seed=9):
     return prior, A_mat, A_mat @ prior.sample(1, g)[0]
 
 
-# zeta: the un-squared-norm step overshoots once zeta |A|^2 is large (|A| = 2.4 here)
-GUIDED = {"dps": dict(zeta=0.1), "dsg": dict(zeta=0.3), "dmap": dict(zeta=0.3),
-          "freedom": dict(zeta=0.1), "resample": dict(zeta=0.1), "psld": dict(zeta=0.1)}
-
-
-@pytest.mark.parametrize("name", [m for m in dmap.SAMPLERS if m != "ddpm"])
-def test_guided_samplers_fit_y_better_than_unguided(name):
-    assert set(GUIDED) == set(dmap.SAMPLERS) - {"ddpm"}, "a new sampler needs a setting here"
-    prior, A_mat, y = gaussian_prior()
-    sigmas = dmap.karras_sigmas(30, 0.01, 10.0)
-    fit = {}
-    for method, hyper in (("ddpm", {}), (name, GUIDED[name])):
-        x = toy_gmm.run(method, prior, A_mat, y, sigmas, 200, 0, **hyper)
-        fit[method] = (x @ A_mat.T - y).norm(dim=1).mean().item()
-    print(fit)
-    assert fit[name] < 0.5 * fit["ddpm"]
-
-
 def test_exact_posterior_of_gaussian_prior_is_the_floor():
     """Exact posterior samples against a second exact set: SW at the Monte Carlo floor."""
     prior, A_mat, y = gaussian_prior()
@@ -230,14 +295,68 @@ def test_exact_posterior_of_gaussian_prior_is_the_floor():
     assert toy_gmm.sliced_wasserstein(a, b) < 0.1 < toy_gmm.sliced_wasserstein(a, c)
 
 
-def test_quick_run(tmp_path, monkeypatch):
-    """The whole default run at toy sizes writes its figures and tables."""
-    monkeypatch.setattr("sys.argv", ["toy_gmm.py", "--quick", "--out", str(tmp_path)])
-    threads = torch.get_num_threads()
-    try:
-        toy_gmm.main()
-    finally:
-        torch.set_num_threads(threads)
+def test_quick_run(tmp_path):
+    """The whole default run at toy sizes writes its figures and tables, and its exact rows
+    are the closed form: x2 is untouched by y, so P(x2 < 0) = w_0 Phi(1/0.3) + w_1 Phi(-1/0.3)
+    with w_0 = 1 / (1 + exp(1 / (sigma_y^2 + 0.09))), and E[x1] = sum_k w_k (m_k + 0.09 /
+    (0.09 + sigma_y^2) (0.5 - m_k)), m = -1, 1; its exact samples agree within 5 standard
+    errors."""
+    assert toy_gmm.main(["--quick", "--out", str(tmp_path)]) == 0
     for name in ("fig8.png", "observation_1.png", "observation_2.png", "observation_3.png",
                  "summary.md", "summary.json", "benchmark_slice.md", "benchmark_slice.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for sigma_y in (1.0, toy_gmm.NOISE_FREE):
+        w0 = 1 / (1 + math.exp(1 / (sigma_y**2 + 0.09)))
+        phi = 0.5 * math.erfc((1 / 0.3) / math.sqrt(2))  # Phi(-1/0.3)
+        lower = w0 * (1 - phi) + (1 - w0) * phi
+        gain = 0.09 / (0.09 + sigma_y**2)
+        mean_x1 = w0 * (-1 + gain * 1.5) + (1 - w0) * (1 - gain * 0.5)
+        label = f"exact, sigma_y={sigma_y:g}"
+        exact, sampled = summary["fig8_exact"][label], summary["fig8"][label]
+        assert abs(exact["lower"] - lower) < 1e-12 and abs(exact["mean_x1"] - mean_x1) < 1e-12
+        assert abs(sampled["lower"] - lower) < 5 * math.sqrt(lower * (1 - lower) / 200) + 1e-9
+        assert abs(sampled["mean_x1"] - mean_x1) < 5 * exact["std_x1"] / math.sqrt(200)
+    assert len(summary["observations"]["sigmas"]) == 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--samples", "0"], "--samples must be >= 2, got 0"),
+    (["--samples", "-5"], "--samples must be >= 2, got -5"),
+    (["--problems", "0"], "--problems must be >= 1, got 0"),
+    (["--bench-samples", "-1"], "--bench-samples must be >= 1, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--dims", "7"], "argument --dims: invalid choice: 7"),
+    (["--sigma-y", "0"], "--sigma-y must be > 0, got 0"),
+    (["--sigma-y", "-1"], "--sigma-y must be > 0, got -1"),
+    (["--samples", "many"], "argument --samples: invalid int value: 'many'"),
+    (["--out", "FILE"], "is a file, not a folder"),
+])
+def test_bad_input(tmp_path, capsys, argv, message):
+    """One `error:` line on stderr and exit code 2, before any work."""
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    assert toy_gmm.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_explicit_flag_beats_quick(tmp_path):
+    assert toy_gmm.parse_args(["--quick"]).samples == 200
+    assert toy_gmm.main(["fig8", "--quick", "--samples", "30", "--out", str(tmp_path)]) == 0
+    assert "Samples (30 each" in (tmp_path / "summary.md").read_text()
+
+
+def test_interrupt_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the observations: exit 130, one line naming the part and step, no files."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy_gmm, "observations", interrupted)
+    out = tmp_path / "o"
+    assert toy_gmm.main(["observations", "--quick", "--samples", "10", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("interrupted in Observation I steps, then II, 0 of 21 steps done; "
+                       "nothing written"), err[-1]
+    assert list(out.iterdir()) == []
