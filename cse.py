@@ -278,9 +278,10 @@ class ControlledUNet(nn.Module):
 class CSEDenoiser(dmap.SDDenoiser):
     """denoiser(x, sigma) -> x0_hat = E[x0 | x, y] with the CSE (Xu et al., §4; Tweedie, Eq. 4).
 
-    dmap.SDDenoiser (scaling, fractional timestep, eps / v) whose network is the ControlledUNet;
-    scale: conditioning_scale (1.0 in the official runs, docs/official_code.md §4.7). Gradients
-    flow through the ControlNet and the UNet, as in DPS+CSE (pipe.py:1732-1737).
+    dmap.SDDenoiser (scaling, fractional timestep, eps / v) whose network, `self.unet`, is the
+    ControlledUNet (`.unet`, `.controlnet`, `.hint` inside); scale: conditioning_scale (1.0 in
+    the official runs, docs/official_code.md §4.7). Gradients flow through the ControlNet and
+    the UNet, as in DPS+CSE (pipe.py:1732-1737).
     """
 
     def __init__(self, unet: UNet, controlnet: ControlNet, context: torch.Tensor,
