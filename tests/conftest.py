@@ -1,9 +1,12 @@
 """Shared test helpers, imported by the tests (pytest puts tests/ on sys.path): error checks,
 random weights, LDM single-file states for the three SD 2.0 networks, a linear operator."""
 
+import os
 import re
+import shutil
 
 import torch
+from safetensors.torch import save_file
 
 from clip import TextConfig
 from vae import VAEConfig
@@ -44,6 +47,15 @@ def linear_operator(M: torch.Tensor):
         return v
 
     return A, dict(H=A, adjoint=lambda v: v @ M, decode=identity, encode=identity)
+
+
+def copy_folder(folder, dst, state=None):
+    """A copy of a diffusers model folder's config.json, with `state` as its weights if given."""
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(os.path.join(folder, "config.json"), dst)
+    if state is not None:
+        save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+    return str(dst)
 
 
 # --- single-file (LDM) states: the UNet's, the VAE's, the OpenCLIP text tower's ----------

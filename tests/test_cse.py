@@ -9,11 +9,10 @@ import copy
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import assert_close, randomize, to_ldm
+from conftest import assert_close, copy_folder, randomize, to_ldm
 from diffusers import ControlNetModel, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors.torch import load_file, save_file
@@ -357,14 +356,6 @@ def test_bad_hint_refused():
 
 # ---------------------------------------------------------------------------------------------
 # bad input: one ValueError naming the file and the key
-
-
-def copy_folder(folder, dst, state=None):
-    os.makedirs(dst, exist_ok=True)
-    shutil.copy(os.path.join(folder, "config.json"), dst)
-    if state is not None:
-        save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
-    return str(dst)
 
 
 def test_bad_folders(reference, tmp_path):

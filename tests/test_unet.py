@@ -8,11 +8,10 @@ import copy
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import assert_close, ldm_state, randomize
+from conftest import assert_close, copy_folder, ldm_state, randomize
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
@@ -193,14 +192,6 @@ def test_full_size_names_and_shapes():
 
 # ---------------------------------------------------------------------------------------------
 # bad input: one ValueError naming the file and the key
-
-
-def copy_folder(folder, dst, state=None):
-    os.makedirs(dst, exist_ok=True)
-    shutil.copy(os.path.join(folder, "config.json"), dst)
-    if state is not None:
-        save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
-    return str(dst)
 
 
 def test_bad_folders(reference, tmp_path):
