@@ -8,7 +8,7 @@ samplers of dmap.py unchanged on such priors:
     python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice
                                     # (about 40 s on 2 idle cores)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
-                                    # (36 min on 2 cores; d = 800 is 30 of them)
+                                    # (30 min on 2 cores: one cell per core)
     python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~5 min)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
@@ -22,8 +22,11 @@ import argparse
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -556,11 +559,13 @@ def protocol_schedule(n_steps):
 
 @torch.no_grad()
 def dps_protocol(prior: GMM | LowRankGMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL, eta=1.0,
-                 generator=None):
+                 generator=None, callback=None):
     """DPS exactly as MCGdiff's gmm.py runs it (dps_jax, docs/gmm_benchmark.md §1.7), in VP
     coordinates x_vp = sqrt(abar) x0 + sqrt(1 - abar) noise; abars in sampling order. A
     reference for the translation into our dps (protocol_schedule) and a column of the
-    benchmark."""
+    benchmark. callback(dict(i=step)) after each step, as the samplers'. Where err = 0 exactly
+    (float32 meets it at dy = 1) the particle takes no guidance step; the original's
+    grad * (zeta / err) is 0 * inf = nan there."""
     a = abars.tolist()
     for t in range(len(a) - 1):
         at, ap = a[t], a[t + 1]
@@ -573,8 +578,10 @@ def dps_protocol(prior: GMM | LowRankGMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL,
         c_x = (at / ap) ** 0.5 * (1 - ap) / (1 - at)  # coeff_sample
         c_0 = ap**0.5 * (1 - at / ap) / (1 - at)  # coeff_pred_x0
         noise = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
-        x = (c_x * x + c_0 * x0_hat.detach() + noise * dmap.noise_like(x, generator)
-             - grad * (zeta / err[:, None]))
+        step = torch.where(err > 0, zeta / err, 0.0)[:, None]  # zeta / err, 0 at err = 0
+        x = c_x * x + c_0 * x0_hat.detach() + noise * dmap.noise_like(x, generator) - grad * step
+        if callback is not None:
+            callback(dict(i=t))
     return x
 
 
@@ -622,71 +629,113 @@ def concentration(prior: GMM, post: GMM, sigmas, n, generator) -> dict:
     return out
 
 
+def bench_cell(steps, eta, ind_steps, d, ind_dim, dy, ind_dy, weights, problems, n, seed,
+               methods, conc_n, chunk, dtype, stop):
+    """One cell (steps, d, dy) of benchmark(): its rows, in a fixed order, and its concentration
+    dict when conc_n > 0. The cell draws from its own generators only, so its numbers do not
+    depend on which thread runs it or when. `stop` (a threading.Event) ends it at the next
+    sampler step."""
+    abars, sigmas, zeta = protocol_schedule(steps)
+    hyper = bench_hyper(zeta, eta)
+
+    def check(_):  # sampler callback: the main thread was interrupted
+        if stop.is_set():
+            raise KeyboardInterrupt
+
+    P = max(1, chunk // (n * d))  # problems per batch
+    seeds = [10**6 * seed + 2**ind_dim * 3**ind_dy * 5**ind_steps + i for i in range(problems)]
+    cell = [protocol_problem(d, dy, weights, torch.Generator().manual_seed(s)) for s in seeds]
+    prior = LowRankGMM.from_gmm(cell[0][0])  # q = 2: the grid's plane
+    fast = prior.to(dtype)
+    posts = [prior.posterior(A_mat, y, sigma_y) for _, A_mat, y, sigma_y in cell]
+    g = torch.Generator().manual_seed(seeds[0])
+    refs = [post.sample(n, g) for post in posts]
+    for name in ["exact posterior (floor)", "dps_protocol"] + methods:
+        for lo in range(0, problems, P):
+            group = range(lo, min(lo + P, problems))
+            A_mats = torch.stack([cell[i][1] for i in group])
+            y = torch.cat([cell[i][2].expand(n, dy) for i in group])
+            A, parts = linear_operator(A_mats.to(dtype))
+            t0 = time.time()
+            if name == "exact posterior (floor)":
+                x = torch.cat([posts[i].sample(n, g) for i in group])
+            elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999
+                x = torch.randn(len(y), d, generator=g, dtype=F64).to(dtype)
+                x = dps_protocol(fast, x, y.to(dtype), A, abars, eta=eta, generator=g,
+                                 callback=check)
+            else:
+                x = float(sigmas[0]) * torch.randn(len(y), d, generator=g, dtype=F64)
+                x = dmap.SAMPLERS[name](fast.denoiser, x.to(dtype), y.to(dtype), A, sigmas,
+                                        generator=g, callback=check, **hyper[name],
+                                        **dmap.model_parts(name, **parts))
+            x = x.double()
+            seconds = (time.time() - t0) / len(group)
+            for j, i in enumerate(group):
+                xi, ref = x[j * n:(j + 1) * n], refs[i]
+                sw = sliced_wasserstein(xi, ref, generator=torch.Generator().manual_seed(i))
+                yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=i, sigma_y=cell[i][3],
+                           method=name, sw=sw, seconds=seconds,
+                           std_ratio=(xi.std(0) / ref.std(0)).mean().item())
+    if conc_n:
+        yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=0, method="concentration",
+                   **concentration(prior, posts[0], sigmas, conc_n, g))
+
+
 def benchmark(dims, dys, settings, problems, n, seed, methods, conc_n=0, chunk=4 * 10**6,
-              dtype=torch.float32):
+              dtype=torch.float32, workers=1):
     """The MCGdiff protocol: per (steps, d, dy) `problems` problems with the original seeds
     2^ind_dim 3^ind_dy 5^ind_steps + i (offset by 10^6 seed); SW (100 slices) of n samples of
     each method against n exact posterior samples; the floor is a second exact set. Weights
     randn^2 normalised, one draw per (steps, d) (docs/gmm_benchmark.md §1.2), so the prior is
-    shared by the
-    problems of a cell and each sampler runs on several problems at once (about `chunk`
-    numbers per batch). The problems, exact posteriors and metric are float64; the samplers
-    run in `dtype` (float32: 3x faster at d = 800, SW unchanged at the table's precision).
-    Yields one dict per (problem, method), and per (steps, d) one "concentration" dict (first
-    problem of the first dy) when conc_n > 0."""
+    shared by the problems of a cell and each sampler runs on several problems at once (about
+    `chunk` numbers per batch). The problems, exact posteriors and metric are float64; the
+    samplers run in `dtype` (float32: 3x faster at d = 800, SW unchanged at the table's
+    precision). Yields one dict per (problem, method), and per (steps, d) one "concentration"
+    dict (first problem of its first dy) when conc_n > 0.
+
+    The cells run on `workers` threads, one torch thread each, largest first: the samplers'
+    noise (one Gaussian per coordinate per step, a third of the time at d = 800) comes from
+    torch's sequential CPU generator, which a cell cannot spread over cores but cells can.
+    Rows arrive in the order cells finish; sort_rows puts them in the order of the loops."""
+    cells = []
     for ind_steps, (steps, eta) in enumerate(settings):
-        abars, sigmas, zeta = protocol_schedule(steps)
-        hyper = bench_hyper(zeta, eta)
         for ind_dim, d in enumerate(DIMS):
             if d not in dims:
                 continue
             g = torch.Generator().manual_seed(10**6 * seed + 7 * ind_steps + ind_dim)
             weights = torch.randn(25, generator=g, dtype=F64) ** 2
-            weights = weights / weights.sum()
-            P = max(1, chunk // (n * d))  # problems per batch
-            for ind_dy, dy in enumerate(DYS):
-                if dy not in dys:
-                    continue
-                seeds = [10**6 * seed + 2**ind_dim * 3**ind_dy * 5**ind_steps + i
-                         for i in range(problems)]
-                cell = [protocol_problem(d, dy, weights, torch.Generator().manual_seed(s))
-                        for s in seeds]
-                prior = LowRankGMM.from_gmm(cell[0][0])  # q = 2: the grid's plane
-                fast = prior.to(dtype)
-                posts = [prior.posterior(A_mat, y, sigma_y) for _, A_mat, y, sigma_y in cell]
-                g = torch.Generator().manual_seed(seeds[0])
-                refs = [post.sample(n, g) for post in posts]
-                for name in ["exact posterior (floor)", "dps_protocol"] + methods:
-                    for lo in range(0, problems, P):
-                        group = range(lo, min(lo + P, problems))
-                        A_mats = torch.stack([cell[i][1] for i in group])
-                        y = torch.cat([cell[i][2].expand(n, dy) for i in group])
-                        t0 = time.time()
-                        if name == "exact posterior (floor)":
-                            x = torch.cat([posts[i].sample(n, g) for i in group])
-                        elif name == "dps_protocol":  # from the VP prior N(0, I) at t = 999;
-                            # float64: in float32 its zeta / err step meets err = 0 at dy = 1
-                            x = torch.randn(len(y), d, generator=g, dtype=F64)
-                            x = dps_protocol(prior, x, y, linear_operator(A_mats)[0], abars,
-                                             eta=eta, generator=g)
-                        else:
-                            A, parts = linear_operator(A_mats.to(dtype))
-                            x = float(sigmas[0]) * torch.randn(len(y), d, generator=g, dtype=F64)
-                            x = dmap.SAMPLERS[name](fast.denoiser, x.to(dtype), y.to(dtype), A,
-                                                    sigmas, generator=g, **hyper[name],
-                                                    **dmap.model_parts(name, **parts))
-                        x = x.double()
-                        seconds = (time.time() - t0) / len(group)
-                        for j, i in enumerate(group):
-                            xi, ref = x[j * n:(j + 1) * n], refs[i]
-                            directions = torch.Generator().manual_seed(i)
-                            sw = sliced_wasserstein(xi, ref, generator=directions)
-                            yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=i,
-                                       sigma_y=cell[i][3], method=name, sw=sw, seconds=seconds,
-                                       std_ratio=(xi.std(0) / ref.std(0)).mean().item())
-                if conc_n and dy == dys[0]:
-                    yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=0, method="concentration",
-                               **concentration(prior, posts[0], sigmas, conc_n, g))
+            cells += [(steps, eta, ind_steps, d, ind_dim, dy, ind_dy, weights / weights.sum(),
+                       conc_n if dy == dys[0] else 0)
+                      for ind_dy, dy in enumerate(DYS) if dy in dys]
+    rows, stop, threads = queue.Queue(), threading.Event(), torch.get_num_threads()
+
+    def work(cell):
+        try:
+            for row in bench_cell(*cell[:8], problems, n, seed, methods, cell[8], chunk, dtype,
+                                  stop):
+                rows.put(row)
+        finally:
+            rows.put(None)  # this cell is done (or failed: its future holds why)
+
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = [pool.submit(work, c) for c in sorted(cells, key=lambda c: -c[0] * c[3])]
+        for _ in cells:
+            while (row := rows.get()) is not None:
+                yield row
+        for f in futures:
+            f.result()  # re-raises a worker's error
+    finally:
+        stop.set()
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def sort_rows(rows) -> list:
+    """benchmark() rows in the order of its loops (steps setting, d, dy), the order within a
+    cell kept."""
+    return sorted(rows, key=lambda r: (r["steps"], DIMS.index(r["d"]), DYS.index(r["dy"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,10 +996,12 @@ def compute(args, progress) -> dict:
         runs = len(dims) * len(args.dys) * len(settings) * problems * (len(methods) + 2)
         bar = progress("benchmark (problem, method) runs", runs, "run")
         for r in benchmark(dims, args.dys, settings, problems, args.bench_samples, args.seed,
-                           methods, conc_n=50 if args.quick else 500):
+                           methods, conc_n=50 if args.quick else 500,
+                           workers=torch.get_num_threads()):
             rows.append(r)
             bar.update(r["method"] != "concentration")
         bar.close()
+        rows = sort_rows(rows)
         table = benchmark_tables(rows)
         name = "benchmark" if full else "benchmark_slice"
         outputs[name + ".md"] = f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}"
