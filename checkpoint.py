@@ -16,13 +16,14 @@ from safetensors import safe_open
 from torch import nn
 
 
-def read_config(folder: str) -> dict:
-    """The config.json of a diffusers model folder, with a one-line error when it is not there."""
-    path = os.path.join(folder, "config.json")
+def read_config(folder: str, name: str = "config.json") -> dict:
+    """The config.json (or another JSON file `name`) of a diffusers model folder, with a
+    one-line error when it is not there or not JSON."""
+    path = os.path.join(folder, name)
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: no such folder; check the path")
     if not os.path.isfile(path):
-        raise ValueError(f"{folder}: no config.json; expected a diffusers model folder "
+        raise ValueError(f"{folder}: no {name}; expected a diffusers model folder "
                          "(config.json + *.safetensors)")
     try:
         with open(path) as f:

@@ -3,25 +3,47 @@
 "Rethinking Diffusion Posterior Sampling: From Conditional Score Estimator to Maximizing a
 Posterior" estimates the conditional score with a ControlNet (Zhang et al., ICCV 2023, arXiv
 2302.05543) on Stable Diffusion 2.0, whose hint is the degraded image y at full resolution; its
-13 residuals are added to the frozen UNet (docs/official_code.md §4.7, §7).
+13 residuals are added to the frozen UNet (docs/official_code.md §4.7, §7). Train one, make the
+self-generated data set, restore with it:
+
+    python cse.py train --op sr --images DIR --out runs/sr      # 5000 steps, batch 64
+    torchrun --nproc_per_node 4 cse.py train --op sr --images DIR --out runs/sr
+    python cse.py generate --n 1000 --out gen/
+    python dmap.py --method dmap --op sr --cse runs/sr/checkpoint-5000 img.png
 
 Reading order: (1) the config; (2) the ControlNet: the hint embedding, the copied UNet encoder,
-the zero convs, and `from_unet`; (3) loading a diffusers folder (the authors' checkpoints) and
-the original lllyasviel single-file layout; (4) the CSE denoiser, x0_hat(x, sigma; y). Training
-(docs/official_code.md §7) is to follow as (5). Parameter names are diffusers' ControlNetModel's
-own (`diffusers/models/controlnets/controlnet.py`), so a diffusers folder loads without renaming.
+the zero convs, and `from_unet`; (3) loading a diffusers folder (the authors' checkpoints), the
+original lllyasviel single-file layout, and a trained CSE with what it was trained for; (4) the
+CSE denoiser, x0_hat(x, sigma; y); (5) training; (6) the self-generated data set; (7) the
+command line. Parameter names are diffusers' ControlNetModel's own
+(`diffusers/models/controlnets/controlnet.py`), so a diffusers folder loads without renaming.
 """
 
+import argparse
+import contextlib
 import functools
+import json
+import math
 import os
+import random
 import re
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 
+import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 from torch import nn
+from tqdm import tqdm
 
 import dmap
+import operators
+import plot
+import vae
 from checkpoint import find_weights, load_state, read_config
 from unet import TINY, UNet, UNetConfig, UNetEncoder, ldm_unet_key
 
@@ -63,6 +85,21 @@ class ControlNetConfig(UNetConfig):
             fail(f"conditioning_channels {hint!r} is not a positive integer")
         return cls(**vars(encoder), conditioning_channels=hint,
                    conditioning_embedding_out_channels=tuple(chans))
+
+    def to_diffusers(self) -> dict:
+        """The config.json that diffusers' ControlNetModel (and from_diffusers) reads back; the
+        keys left out take the defaults from_diffusers accepts."""
+        return {"_class_name": "ControlNetModel", "in_channels": self.in_channels,
+                "conditioning_channels": self.conditioning_channels,
+                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D"
+                                     for a in self.attention],
+                "block_out_channels": list(self.block_out_channels),
+                "layers_per_block": self.layers_per_block,
+                "attention_head_dim": list(self.num_heads),  # head counts, see UNetConfig
+                "cross_attention_dim": self.cross_attention_dim, "use_linear_projection": True,
+                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
+                "conditioning_embedding_out_channels":
+                    list(self.conditioning_embedding_out_channels)}
 
 
 SD2_CONTROLNET = ControlNetConfig()  # the authors' CSE: ControlNetModel.from_unet(SD2-base UNet)
@@ -144,7 +181,7 @@ class ControlNet(UNetEncoder):
                              f" the hint is the degraded image at full resolution, {f}x the "
                              "latent size; pass op.hint(y), not y")
         h, skips = self.encode(h + e, temb, context)
-        h = self.mid_block(h, temb, context)
+        h = self.run(self.mid_block, h, temb, context)
         down = [conv(s) * conditioning_scale
                 for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         return down, self.controlnet_mid_block(h) * conditioning_scale
@@ -289,3 +326,535 @@ class CSEDenoiser(dmap.SDDenoiser):
                  scale: float = 1.0):
         super().__init__(ControlledUNet(unet, controlnet, hint, scale), context, abar,
                          prediction)
+
+
+def load_cse(path: str, op: str, size: int, device=None, dtype=None) -> tuple[ControlNet, dict]:
+    """A trained CSE and what it was trained for: a `checkpoint-N/` folder of `cse.py train`
+    (controlnet/ + cse.json), a diffusers ControlNet folder (the authors' checkpoint-N/controlnet/,
+    xutongda/control_e_sd2.0_srx8), or an original single file. Where a cse.json says which
+    operator and image size the CSE learnt, a CSE for another one is refused."""
+    if not os.path.exists(path):
+        raise ValueError(f"--cse {path}: no such file or folder (a checkpoint-N folder of "
+                         "`python cse.py train`, or a diffusers ControlNet folder)")
+    if os.path.isfile(path):
+        return controlnet_from_single_file(path, device=device, dtype=dtype), {}
+    sub = os.path.join(path, "controlnet")
+    folder = sub if os.path.isdir(sub) else path
+    info = {}
+    for place in (path, os.path.dirname(os.path.abspath(folder))):
+        if os.path.isfile(os.path.join(place, "cse.json")):
+            info = read_config(place, "cse.json")
+            break
+    trained = (info.get("op", op), info.get("size", size))
+    if trained != (op, size):
+        raise ValueError(f"--cse {path} was trained for --op {trained[0]} at --size {trained[1]}"
+                         f"; this run is --op {op} at --size {size}: pass a CSE trained for it "
+                         f"(python cse.py train --op {op} --size {size} ...)")
+    return load_controlnet(folder, device, dtype), info
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) Training (Sec. 4.2, Appendix B.2; the authors' train_controlnet.py, docs/official_code.md
+# §7): the epsilon-MSE of the UNet with the ControlNet's residuals, only the ControlNet learns
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def readable(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def choose_images(folder: str, n: int | None, seed: int = 42) -> tuple[list[str], list[str]]:
+    """(train, held_out): the images under `folder` (sorted, then shuffled by
+    random.Random(seed)), the first n readable ones to train on, as the authors choose their
+    shots (train_controlnet.py:769-781: random.seed(42), shuffle, keep SHOT); held_out: those
+    after them, for the validation panel. n None: all. Unreadable files are skipped, counted."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--images {folder}: no such folder")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                   for f in files if f.lower().endswith(IMAGE_TYPES))
+    random.Random(seed).shuffle(paths)
+    chosen, bad, last = [], [], -1
+    for last, path in enumerate(paths):
+        if n is not None and len(chosen) == n:
+            last -= 1
+            break
+        (chosen if readable(path) else bad).append(path)
+    if bad:
+        print(f"note: skipped {len(bad)} unreadable file(s), e.g. {bad[0]}", file=sys.stderr)
+    if not chosen:
+        raise ValueError(f"--images {folder}: no readable image ({' '.join(IMAGE_TYPES)}); "
+                         "nothing to train on")
+    if n is not None and len(chosen) < n:
+        raise ValueError(f"--n {n}, but {folder} holds {len(chosen)} readable images; pass "
+                         f"--n {len(chosen)} or add images")
+    return chosen, paths[last + 1:]
+
+
+def uniform(g: torch.Generator, a: float, b: float) -> float:
+    return torch.empty(1).uniform_(a, b, generator=g).item()
+
+
+def random_resized_crop(image: Image.Image, size: int, g: torch.Generator,
+                        scale=(0.8, 2.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision RandomResizedCrop(size, scale=(0.8, 2.0)) (train_controlnet.py:745), the same
+    draws in the same order: a box of U(scale) times the image's area and log-uniform aspect
+    ratio, up to 10 tries, else the centre crop of the nearest allowed ratio (the common case
+    for a scale above 1); resized bilinearly with antialiasing (Pillow)."""
+    W, H = image.size
+    for _ in range(10):
+        area = W * H * uniform(g, *scale)
+        aspect = math.exp(uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+            break
+    else:
+        w, h = (W, round(W / ratio[0])) if W / H < ratio[0] else \
+            (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
+        top, left = (H - h) // 2, (W - w) // 2
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+
+
+def color_jitter(image: Image.Image, g: torch.Generator, strength: float = 0.1) -> Image.Image:
+    """torchvision ColorJitter(0.1, 0.1, 0.1, 0.1) on a PIL image: brightness, contrast and
+    saturation factors U(0.9, 1.1), a hue shift U(-0.1, 0.1) of the circle, in random order."""
+    order = torch.randperm(4, generator=g).tolist()
+    factors = [uniform(g, 1 - strength, 1 + strength) for _ in range(3)]
+    hue = uniform(g, -strength, strength)
+    for i in order:
+        if i < 3:
+            enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i]
+            image = enhance(image).enhance(factors[i])
+        else:  # torchvision adjust_hue: shift the HSV hue byte, wrapping around
+            h, s, v = image.convert("HSV").split()
+            h = (np.asarray(h).astype(np.int16) + int(hue * 255)) % 256
+            image = Image.merge("HSV", (Image.fromarray(h.astype(np.uint8)), s, v)).convert("RGB")
+    return image
+
+
+def augment(path: str, size: int, g: torch.Generator) -> torch.Tensor:
+    """One training image (train_controlnet.py:743-758): RandomResizedCrop, horizontal flip
+    p = 0.5, ColorJitter 0.1, -> (3, size, size) in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read training image {path}: {e}") from None
+    image = random_resized_crop(image, size, g)
+    if torch.rand(1, generator=g) < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    image = color_jitter(image, g)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def sample_operator(op: operators.Operator, op_args: dict, g: torch.Generator):
+    """The degradation of one training sample: `op`, or for a random operator (motion blur,
+    nonlinear blur, random mask) a fresh draw, as the authors redraw the nonlinear-blur kernel
+    for every image (§7). The KernelWizard is loaded once and shared."""
+    if "seed" not in op_args:
+        return op
+    args = dict(op_args, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+    if "weights" in args:
+        args["weights"] = op.net
+    return type(op)(**args)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the n images in one epoch (a fresh permutation per epoch, like the authors'
+    shuffling DataLoader; fewer images than a batch simply repeat, as their loader does)."""
+    g = torch.Generator().manual_seed(seed * 2**32 + 2**31 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of training sample k (k = step * batch + position), whose image, augmentation,
+    degradation, VAE sample, t and noise it draws: a run resumed at any step, or sharded over
+    any number of processes, sees the same samples as one uninterrupted run."""
+    return seed * 2**32 + k
+
+
+def batch_losses(controlnet, sd: dmap.Pipeline, context, images, op, op_args, ks, size, seed,
+                 autocast) -> torch.Tensor:
+    """The per-sample losses of training samples ks, (len(ks),): ||eps_hat - eps||^2 / n with
+    z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps (DDPMScheduler.add_noise), t ~ U{0..999},
+    z = 0.18215 * a VAE sample of the augmented image, and the hint op.hint(op(image)),
+    without noise (train_controlnet.py:900-955). For a v-model the target is
+    v = sqrt(abar) eps - sqrt(1 - abar) z (DDPMScheduler.get_velocity)."""
+    device = context.device
+    latent = (sd.unet.cfg.in_channels, size // 8, size // 8)
+    xs, hints, noise, ts, eps = [], [], [], [], []
+    for k in ks:
+        g = torch.Generator().manual_seed(sample_seed(seed, k))
+        order = epoch_order(len(images), seed, k // len(images))
+        x = augment(images[order[k % len(images)]], size, g)[None].to(device)
+        A = sample_operator(op, op_args, g).to(device)
+        with torch.no_grad():
+            hints.append(A.hint(A(x)))
+        xs.append(x)
+        noise.append(torch.randn(latent, generator=g))
+        ts.append(int(torch.randint(0, len(sd.abar), (1,), generator=g)))
+        eps.append(torch.randn(latent, generator=g))
+    t = torch.tensor(ts, device=device)
+    eps = torch.stack(eps).to(device)
+    vae_dtype = next(sd.vae.parameters()).dtype
+    with torch.no_grad():
+        mean, logvar = sd.vae.encode(torch.cat(xs).to(vae_dtype))
+        z = (mean.float() + (logvar.float() / 2).exp() * torch.stack(noise).to(device))
+        z = z * vae.SCALING_FACTOR
+    abar = sd.abar.to(device)[t][:, None, None, None]
+    z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
+    target = eps if sd.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * z
+    ctx = context.expand(len(ks), -1, -1)
+    with autocast():
+        residuals = controlnet(z_t, t, ctx, torch.cat(hints))
+        out = sd.unet(z_t, t, ctx, residuals)
+    return (out.float() - target).pow(2).mean((1, 2, 3))
+
+
+def save_checkpoint(out: str, step: int, controlnet: ControlNet, optimizer, info: dict) -> str:
+    """out/checkpoint-N/: controlnet/ (config.json + diffusion_pytorch_model.safetensors, the
+    diffusers layout the authors' checkpoints have), cse.json (what it was trained for, how
+    far) and state.pt (optimizer and step, for --resume). Written in a temporary folder and
+    renamed, so a killed run or a full disk never leaves a checkpoint that looks whole; the
+    previous checkpoint then drops its state.pt (the optimizer is twice the ControlNet)."""
+    final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "controlnet"))
+    with open(os.path.join(tmp, "controlnet", "config.json"), "w") as f:
+        json.dump(controlnet.cfg.to_diffusers(), f, indent=2)
+    state = {k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
+    safetensors.torch.save_file(
+        state, os.path.join(tmp, "controlnet", "diffusion_pytorch_model.safetensors"),
+        metadata={"format": "pt"})
+    with open(os.path.join(tmp, "cse.json"), "w") as f:
+        json.dump(dict(info, step=step), f, indent=2)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step},
+               os.path.join(tmp, "state.pt"))
+    if os.path.exists(final):  # a re-run of the same step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for name in os.listdir(out):
+        if CHECKPOINT.fullmatch(name) and name != os.path.basename(final):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name, "state.pt"))
+    return final
+
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def last_checkpoint(out: str) -> str | None:
+    """The newest whole checkpoint under out (one with its state.pt), or None."""
+    if not os.path.isdir(out):
+        return None
+    steps = [int(m.group(1)) for m in map(CHECKPOINT.fullmatch, os.listdir(out))
+             if m and os.path.isfile(os.path.join(out, m.group(0), "state.pt"))]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+# What a resumed run must share with the run it continues (--steps may grow, the micro-batch
+# and precision may change: they only change rounding).
+RESUME_MUST_MATCH = ("op", "operator", "size", "images", "n", "data_seed", "seed", "batch",
+                     "lr", "prediction")
+
+
+def resume(path: str, info: dict, controlnet: ControlNet, optimizer, device) -> int:
+    """Load checkpoint `path` into controlnet and optimizer, after checking that it was
+    trained as this run asks; its step."""
+    old = read_config(path, "cse.json")
+    bad = [f"{k} {old.get(k)!r} (now {info[k]!r})" for k in RESUME_MUST_MATCH
+           if old.get(k) != info[k]]
+    if bad:
+        raise ValueError(f"--resume: {path} was trained with {'; '.join(bad)}; use the same "
+                         "settings, or another --out for a new run")
+    weights = load_controlnet(os.path.join(path, "controlnet"), device, torch.float32)
+    controlnet.load_state_dict(weights.state_dict())
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}/state.pt is unreadable ({e}); delete {path} to resume from "
+                         "the one before") from None
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, steps, seed,
+                     autocast) -> Image.Image:
+    """Held-out images as rows: the hint, the CSE alone (DDPM), DPS+CSE (the paper's zeta) and
+    the reference, after `steps` sampling steps."""
+    sigmas = dmap.sd_sigmas(steps, sd.abar)
+    zeta = dmap.ZETA["dps"][0 if isinstance(op, operators.SR) else 1]
+    device, rows = context.device, []
+    for path in paths:
+        x = dmap.read_image(path, size).to(device)
+        y = op(x)
+        denoiser = CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y), sd.prediction)
+        row = [dmap.to_uint8(op.hint(y))]
+        for method, kwargs in (("ddpm", {}), ("dps", {"zeta": zeta})):
+            g = torch.Generator(device).manual_seed(seed)
+            noise = dmap.noise_like(torch.empty(1, sd.unet.cfg.in_channels, size // 8,
+                                                size // 8, device=device), g)
+            with autocast():
+                z0 = dmap.SAMPLERS[method](denoiser, sigmas[0].item() * noise, y,
+                                           lambda z: op(sd.decode(z)), sigmas, generator=g,
+                                           **kwargs)
+                with torch.no_grad():
+                    row.append(dmap.to_uint8(sd.decode(z0).float()))
+        rows.append(row + [dmap.to_uint8(x)])
+    titles = [["hint", f"CSE alone ({steps} steps)", "DPS+CSE", "reference"]] * len(rows)
+    return plot.image_grid(rows, titles)
+
+
+def distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (its RANK / WORLD_SIZE / LOCAL_RANK), the
+    process group started (NCCL on GPUs, gloo on the CPU); (0, 1, device) without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def validation_images(held: list[str], train: list[str], size: int, n: int = 2) -> list[str]:
+    """Up to n held-out images at least size x size (training images when none is left)."""
+    def big(path):
+        with contextlib.suppress(OSError, ValueError), Image.open(path) as image:
+            return min(image.size) >= size
+        return False
+
+    return ([p for p in held[:8 * n] if big(p)] or [p for p in train if big(p)])[:n]
+
+
+def train(args) -> str:
+    """`python cse.py train`: the ControlNet from the SD 2.0 UNet (or --resume), trained on
+    --n images of --images for --steps steps of --batch samples; returns the last checkpoint."""
+    rank, world, device = distributed(torch.device(args.device))
+    B, m = args.batch, args.micro_batch
+    checks = [(B >= 1 and m >= 1, f"--batch and --micro-batch must be >= 1, got {B}, {m}"),
+              (B % world == 0, f"--batch {B} must be a multiple of the {world} processes"),
+              (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+              (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+              (args.size >= 8 and args.size % 8 == 0, f"--size must be a multiple of 8, got "
+               f"{args.size}"),
+              (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+              (args.n is None or args.n >= 1, f"--n must be >= 1, got {args.n}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if not args.resume and last_checkpoint(args.out) is not None:
+        raise ValueError(f"{last_checkpoint(args.out)} exists; pass --resume to continue it, or "
+                         "another --out")
+    images, held = choose_images(args.images, args.n, args.data_seed)
+    small = sum(1 for p in images if min(Image.open(p).size) < args.size)
+    if small and rank == 0:
+        print(f"note: {small} of {len(images)} images are smaller than {args.size} px; the "
+              "random crop upscales them (blurrier training targets)", file=sys.stderr)
+    op, op_args = dmap.build_operator(args)
+    op = op.to(device)
+    sd = dmap.load_sd2(args.model, args.prediction, device,
+                       torch.bfloat16 if args.bf16 else torch.float32)
+    context = dmap.encode_prompt(sd, "").float()  # computed once; the text encoder is freed
+    sd = sd._replace(text_encoder=None)
+    for net in (sd.unet, sd.vae):
+        net.requires_grad_(False)
+    sd.unet.gradient_checkpointing = args.grad_checkpoint
+    controlnet = from_unet(sd.unet).float()  # fp32 master weights (diffusers: the same)
+    controlnet.gradient_checkpointing = args.grad_checkpoint
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                  weight_decay=1e-2, eps=1e-8)  # train_controlnet.py defaults
+    info = dict(op=args.op, operator={k: v for k, v in op_args.items() if k != "seed"},
+                size=args.size, images=os.path.abspath(args.images), n=len(images),
+                data_seed=args.data_seed, seed=args.seed, batch=B, lr=args.lr,
+                prediction=sd.prediction, model=os.path.abspath(args.model),
+                train_images=[os.path.relpath(p, args.images) for p in images])
+    last = last_checkpoint(args.out)  # --resume with nothing to resume starts afresh
+    start = resume(last, info, controlnet, optimizer, device) if args.resume and last else 0
+    model = controlnet if world == 1 else torch.nn.parallel.DistributedDataParallel(controlnet)
+
+    def autocast():
+        return torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
+
+    val = validation_images(held, images, args.size) if rank == 0 else []
+    bar = tqdm(total=args.steps, initial=start, desc=f"CSE {args.op}", unit="step",
+               disable=rank != 0)
+    step = start
+    try:
+        for step in range(start, args.steps):
+            t0 = time.perf_counter()
+            ks = range(step * B + rank * B // world, step * B + (rank + 1) * B // world)
+            chunks = [ks[i:i + m] for i in range(0, len(ks), m)]
+            total = torch.zeros((), device=device)
+            for c, chunk in enumerate(chunks):
+                # DDP averages the gradients over processes: each scales its sum by world / B
+                sync = model.no_sync() if world > 1 and c < len(chunks) - 1 else \
+                    contextlib.nullcontext()
+                with sync:
+                    losses = batch_losses(model, sd, context, images, op, op_args, chunk,
+                                          args.size, args.seed, autocast)
+                    (losses.sum() * world / B).backward()
+                total += losses.detach().sum()
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)  # max_grad_norm 1.0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = total.item() / B
+            if not math.isfinite(loss):
+                raise ValueError(f"the loss is {loss} at step {step + 1}; try a smaller --lr "
+                                 f"(or resume {last} without --bf16)")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / (time.perf_counter() - t0):.2f}")
+            bar.update(1)
+            done = step + 1
+            if rank == 0 and (done % args.checkpoint_every == 0 or done == args.steps):
+                try:
+                    last = save_checkpoint(args.out, done, controlnet, optimizer,
+                                           dict(info, loss=loss))
+                except OSError as e:
+                    raise ValueError(f"cannot write checkpoint-{done} under {args.out} "
+                                     f"({e.strerror}); {last or 'no earlier checkpoint'} is "
+                                     "intact: free space and run again with --resume") from None
+            if rank == 0 and args.validate_every and done % args.validate_every == 0 and val:
+                panel = validation_panel(sd, controlnet, context, op, val, args.size,
+                                         args.validation_steps, args.seed, autocast)
+                dmap.write_atomic(os.path.join(args.out, f"validation-{done}.png"), panel.save)
+            if world > 1:
+                torch.distributed.barrier()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"at step {step + 1} of {args.steps}; " + (
+            f"{last} is whole: continue with --resume" if last else "no checkpoint yet")) \
+            from None
+    finally:
+        bar.close()
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) The self-generated data set (the paper's "gen" CSE: unconditional SD 2.0 samples; the
+# authors' data_gen.py: Euler ancestral, empty prompt, 50 steps)
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(args) -> int:
+    """`python cse.py generate`: --n unconditional samples out/000000.png, ...; image i from
+    seed + i, so a stopped run continues with the images it lacks (each written atomically)
+    and processes under torchrun share the work. Returns how many it wrote."""
+    rank, world, device = distributed(torch.device(args.device))
+    if args.n is None or args.n < 1 or args.steps < 1:
+        raise ValueError(f"--n and --steps must be >= 1, got {args.n}, {args.steps}")
+    todo = [i for i in range(rank, args.n, world)
+            if not os.path.exists(os.path.join(args.out, f"{i:06d}.png"))]
+    if not todo:
+        return 0
+    dtype = getattr(torch, args.dtype)
+    sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
+    denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
+    sigmas = dmap.sd_sigmas(args.steps, sd.abar)
+    latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
+    os.makedirs(args.out, exist_ok=True)
+    for i in tqdm(todo, desc="generate", unit="image", disable=rank != 0):
+        g = torch.Generator(device).manual_seed(args.seed + i)
+        noise = dmap.noise_like(torch.empty(latent, device=device, dtype=dtype), g)
+        z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
+        with torch.no_grad():
+            image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))
+        dmap.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
+    return len(todo)
+
+
+# ---------------------------------------------------------------------------------------------
+# (7) The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("train", help="train a CSE on a folder of images",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = commands.add_parser("generate", help="the self-generated training set (SD 2.0 "
+                              "samples)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for q in (t, gen):
+        q.add_argument("--model", default=os.environ.get("SD2_MODEL",
+                                                         "./weights/stable-diffusion-2-base"),
+                       help="SD 2.0 pipeline folder or single .safetensors file ($SD2_MODEL)")
+        q.add_argument("--prediction", choices=["eps", "v"],
+                       help="eps (512-base) or v (768-v), for a single-file checkpoint")
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--size", type=int, default=512, help="image size in pixels")
+        q.add_argument("--seed", type=int, default=0, help="random seed")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (under torchrun: cuda:LOCAL_RANK)")
+    t.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
+                   help="the degradation the CSE learns")
+    t.add_argument("--images", required=True, help="folder of training images (recursive)")
+    t.add_argument("--n", type=int, default=100, help="images chosen from the folder (the "
+                   "paper: 25, 50, 100, 1000)")
+    t.add_argument("--data-seed", type=int, default=42, help="seed of that choice (the "
+                   "authors' random.seed(42))")
+    t.add_argument("--steps", type=int, default=5000, help="optimizer steps")
+    t.add_argument("--batch", type=int, default=64, help="effective batch, whatever the "
+                   "number of processes")
+    t.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (per "
+                   "process); the batch accumulates over them")
+    t.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate, constant")
+    t.add_argument("--bf16", action="store_true", help="frozen networks in bfloat16 and "
+                   "bfloat16 autocast (fp32 master weights and optimizer)")
+    t.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in "
+                   "the backward pass (less memory, about 1.3x the time)")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between "
+                   "checkpoints")
+    t.add_argument("--validate-every", type=int, default=500, help="steps between validation "
+                   "panels (0: none)")
+    t.add_argument("--validation-steps", type=int, default=25, help="sampling steps of the "
+                   "validation panel")
+    t.add_argument("--resume", action="store_true", help="continue from the newest whole "
+                   "checkpoint in --out")
+    t.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
+    t.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
+                   "(default: weights/GOPRO_wVAE.safetensors)")
+    gen.add_argument("--n", type=int, default=1000, help="number of images")
+    gen.add_argument("--steps", type=int, default=50, help="sampling steps (Euler ancestral)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="model dtype (the authors: float16)")
+    args = p.parse_args(argv)
+    if args.command == "train":  # dmap.build_operator's flags
+        for name, (op, _, _) in dmap.OPERATOR_FLAGS.items():
+            if getattr(args, name) is not None and args.op != op:
+                p.error(f"--{name.replace('_', '-')} applies to --op {op} only")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.command == "train":
+            done = f"trained to {train(args)}"
+        else:
+            done = f"wrote {generate(args)} new image(s) to {args.out}"
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted {e.args[0] if e.args else 'before the first step; nothing written'}",
+              file=sys.stderr)
+        return 130
+    print(f"{done} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -476,7 +476,7 @@ OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8),
                   "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
 # Flags that do not change the restoration, left out of the output names.
 NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
-               "kernel_weights", "prompt", "no_crop", "observed")
+               "kernel_weights", "prompt", "no_crop", "observed", "cse")
 
 
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
@@ -585,6 +585,10 @@ def parse_args(argv=None):
     p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
     p.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
                    "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
+    p.add_argument("--cse", help="a trained CSE (`python cse.py train`'s checkpoint-N folder, "
+                   "or a diffusers ControlNet folder or single file): the sampler's denoiser "
+                   "becomes the UNet with its residuals; with --method ddpm, the CSE alone (default: "
+                   "none)")
     p.add_argument("--prompt", default="", help="text prompt (default: none, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -675,7 +679,7 @@ def output_paths(args) -> dict:
                     f"{value:g}"
                 tags.append(key.replace("_", "-") + text)
         image = os.path.splitext(os.path.basename(args.image))[0]
-        stem = "_".join([image, args.method, args.op] + tags)
+        stem = "_".join([image, args.method + ("+cse" if args.cse else ""), args.op] + tags)
     return {k: os.path.join(args.out, stem + suffix) for k, suffix in
             (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
              ("record", ".json"))}
@@ -697,9 +701,22 @@ def check_outputs(args, paths: dict) -> None:
                          "--out") from None
 
 
-def sample(args, sd: Pipeline, op, y, steps: int, kwargs: dict, generator) -> torch.Tensor:
+def load_denoiser(args, sd: Pipeline, op, y, device, dtype) -> tuple:
+    """(denoiser, CSE record): SD 2.0's own, or with --cse the CSE for the hint op.hint(y)."""
+    context = encode_prompt(sd, args.prompt)
+    if not args.cse:
+        return SDDenoiser(sd.unet, context, sd.abar, sd.prediction), None
+    import cse  # here, not at the top: cse.py builds on this module
+
+    controlnet, info = cse.load_cse(args.cse, args.op, args.size, device, dtype)
+    denoiser = cse.CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y), sd.prediction)
+    return denoiser, dict(path=os.path.abspath(args.cse), step=info.get("step"),
+                          images=info.get("n"))
+
+
+def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
+           generator) -> torch.Tensor:
     """The sampler on SD 2.0 latents, from seeded noise, with a progress bar; -> z0."""
-    denoiser = SDDenoiser(sd.unet, encode_prompt(sd, args.prompt), sd.abar, sd.prediction)
 
     def A(z):  # the measurement operator on latents
         return op(sd.decode(z))
@@ -774,8 +791,9 @@ def restore(args) -> tuple[dict, dict]:
     check_outputs(args, paths)
 
     sd = load_sd2(args.model, args.prediction, device, dtype)
+    denoiser, cse_record = load_denoiser(args, sd, op, y, device, dtype)
     loaded = time.perf_counter()
-    z0 = sample(args, sd, op, y, steps, kwargs, generator)
+    z0 = sample(args, sd, denoiser, op, y, steps, kwargs, generator)
     with torch.no_grad():
         restored = to_uint8(sd.decode(z0))
     sampled = time.perf_counter()
@@ -788,6 +806,7 @@ def restore(args) -> tuple[dict, dict]:
                   sigma_y=None if args.observed else args.sigma_y, seed=args.seed,
                   crop=not args.no_crop, prompt=args.prompt, model=os.path.abspath(args.model),
                   prediction=sd.prediction, device=args.device, dtype=args.dtype,
+                  cse=cse_record,
                   seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
                                total=round(time.perf_counter() - start, 1)),
                   outputs=[os.path.basename(p) for p in paths.values()])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from checkpoint import find_weights, load_state, read_config
@@ -371,6 +372,16 @@ class UNetEncoder(nn.Module):
         self.down_blocks = nn.ModuleList(
             DownBlock(cfg, i) for i in range(len(cfg.block_out_channels)))
         self.mid_block = MidBlock(cfg)
+        # Training memory (diffusers' switch of the same name): each block's activations are
+        # recomputed in the backward pass instead of stored.
+        self.gradient_checkpointing = False
+
+    def run(self, block: nn.Module, *args):
+        """block(*args), under torch.utils.checkpoint when gradient_checkpointing is on and
+        gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def embed_time(self, t, x: torch.Tensor) -> torch.Tensor:
         """Timestep t (scalar or (B,), int or fractional) -> embedding (B, 4 C0) in x's dtype."""
@@ -383,7 +394,7 @@ class UNetEncoder(nn.Module):
         1 + len(levels) * layers_per_block + len(levels) - 1 of them: 12 for SD 2)."""
         skips = [h]
         for block in self.down_blocks:
-            h, level_skips = block(h, temb, context)
+            h, level_skips = self.run(block, h, temb, context)
             skips += level_skips
         return h, skips
 
@@ -411,13 +422,14 @@ class UNet(UNetEncoder):
             down, mid = residuals
             assert len(down) == len(skips), f"{len(down)} down residuals for {len(skips)} skips"
             skips = [s + r for s, r in zip(skips, down, strict=True)]
-        h = self.mid_block(h, temb, context)
+        h = self.run(self.mid_block, h, temb, context)
         if residuals is not None:
             h = h + mid
         for block in self.up_blocks:
             n = len(block.resnets)
             level_skips, skips = skips[-n:], skips[:-n]
-            h = block(h, level_skips, temb, context, size=skips[-1].shape[-2:] if skips else None)
+            h = self.run(block, h, level_skips, temb, context,
+                         skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers, imported by the tests (pytest puts tests/ on sys.path): error checks,
 random weights, LDM single-file states for the three SD 2.0 networks, a linear operator."""
 
+import json
 import os
 import re
 import shutil
@@ -8,6 +9,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+import clip
 from clip import TextConfig
 from vae import VAEConfig
 
@@ -194,3 +196,45 @@ def openclip_state(cfg: TextConfig, generator: torch.Generator) -> dict:
     state["model.diffusion_model.conv_in.weight"] = torch.randn(8, 4, 3, 3, generator=generator)
     state["first_stage_model.encoder.conv_in.bias"] = torch.randn(8, generator=generator)
     return state
+
+
+SD2_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", num_train_timesteps=1000,
+                     prediction_type="epsilon", steps_offset=1, clip_sample=False,
+                     set_alpha_to_one=False, skip_prk_steps=True)
+WIDTH = 32  # text width = cross-attention width of the tiny model
+
+
+def tiny_pipeline(root):
+    """A tiny SD 2.0-structured pipeline saved by diffusers/transformers in the Hub layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+        cross_attention_dim=WIDTH, norm_num_groups=8, use_linear_projection=True)
+    autoencoder = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+        layers_per_block=1)  # 4 levels: latents are 8x smaller, as in SD
+    # the tokenizer: bytes and bytes+</w> plus the two special tokens, no merges (514 ids)
+    symbols = list(clip.bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu"))
+    for name, model, seed in (("unet", unet, 0), ("vae", autoencoder, 1),
+                              ("text_encoder", text, 2)):
+        randomize(model, seed).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    os.makedirs(os.path.join(root, "tokenizer"))
+    with open(os.path.join(root, "tokenizer", "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(root, "tokenizer", "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    os.makedirs(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD2_SCHEDULER, f)
+    return unet, autoencoder, text

@@ -2,59 +2,24 @@
 against diffusers' own scheduler, UNet and VAE, and the restoration command end to end."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, ldm_state, openclip_state, random_ldm_state, randomize
+from conftest import (
+    SD2_SCHEDULER,
+    assert_close,
+    ldm_state,
+    openclip_state,
+    random_ldm_state,
+    tiny_pipeline,
+)
 from PIL import Image
 
 import clip
 import dmap
 import operators
 import vae
-
-SD2_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012,
-                     beta_schedule="scaled_linear", num_train_timesteps=1000,
-                     prediction_type="epsilon", steps_offset=1, clip_sample=False,
-                     set_alpha_to_one=False, skip_prk_steps=True)
-WIDTH = 32  # text width = cross-attention width of the tiny model
-
-
-def tiny_pipeline(root):
-    """A tiny SD 2.0-structured pipeline saved by diffusers/transformers in the Hub layout."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-        cross_attention_dim=WIDTH, norm_num_groups=8, use_linear_projection=True)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-        layers_per_block=1)  # 4 levels: latents are 8x smaller, as in SD
-    # the tokenizer: bytes and bytes+</w> plus the two special tokens, no merges (514 ids)
-    symbols = list(clip.bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu"))
-    for name, model, seed in (("unet", unet, 0), ("vae", autoencoder, 1),
-                              ("text_encoder", text, 2)):
-        randomize(model, seed).save_pretrained(os.path.join(root, name), safe_serialization=True)
-    os.makedirs(os.path.join(root, "tokenizer"))
-    with open(os.path.join(root, "tokenizer", "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(root, "tokenizer", "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    os.makedirs(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SD2_SCHEDULER, f)
-    return unet, autoencoder, text
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +276,7 @@ def test_help_shows_every_default(capsys):
         dmap.parse_args(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     entries = re.split(r"\n  (?=--)", text)[1:]  # one per option, wrapped lines included
-    assert len(entries) == 28
+    assert len(entries) == 29
     for entry in entries:
         flag = entry.split()[0]
         assert "default" in entry or flag in ("--force", "--observed", "--no-crop"), flag
