@@ -7,7 +7,7 @@ Posterior" estimates the conditional score with a ControlNet (Zhang et al., ICCV
 self-generated data set, restore with it:
 
     python cse.py train --op sr --images DIR --out runs/sr      # 5000 steps, batch 64
-    torchrun --nproc_per_node 4 cse.py train --op sr --images DIR --out runs/sr
+    torchrun --nproc_per_node 4 cse.py train --op sr --images DIR --out runs/sr  # 4 GPUs
     python cse.py generate --n 1000 --out gen/
     python dmap.py --method dmap --op sr --cse runs/sr/checkpoint-5000 img.png
 
@@ -670,7 +670,9 @@ def train(args) -> str:
     for net in (sd.unet, sd.vae):
         net.requires_grad_(False)
     sd.unet.gradient_checkpointing = args.grad_checkpoint
-    controlnet = from_unet(sd.unet).float()  # fp32 master weights (diffusers: the same)
+    with torch.random.fork_rng(devices=[]):  # the hint embedding's default init, seeded
+        torch.manual_seed(args.seed)
+        controlnet = from_unet(sd.unet).float()  # fp32 master weights (diffusers: the same)
     controlnet.gradient_checkpointing = args.grad_checkpoint
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=1e-2, eps=1e-8)  # train_controlnet.py defaults
@@ -800,8 +802,9 @@ def parse_args(argv=None):
     t.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
                    help="the degradation the CSE learns")
     t.add_argument("--images", required=True, help="folder of training images (recursive)")
-    t.add_argument("--n", type=int, default=100, help="images chosen from the folder (the "
-                   "paper: 25, 50, 100, 1000)")
+    t.add_argument("--n", "--num-images", dest="n", type=int, default=100,
+                   help="images chosen from the folder (the paper: 25, 50, 100, 1000); under "
+                   "torchrun spell it --num-images (torchrun reads --n as its own)")
     t.add_argument("--data-seed", type=int, default=42, help="seed of that choice (the "
                    "authors' random.seed(42))")
     t.add_argument("--steps", type=int, default=5000, help="optimizer steps")
@@ -825,7 +828,8 @@ def parse_args(argv=None):
     t.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
     t.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
                    "(default: weights/GOPRO_wVAE.safetensors)")
-    gen.add_argument("--n", type=int, default=1000, help="number of images")
+    gen.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+                     help="number of images (under torchrun: --num-images)")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (Euler ancestral)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="model dtype (the authors: float16)")
