@@ -123,7 +123,7 @@ def test_resume_is_exact(setup, tmp_path, monkeypatch, capsys):
 
 def test_two_processes_equal_one(setup, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on the CPU) at the same effective batch gives the
-    weights of one process, to float tolerance (only the gradient sums' order differs)."""
+    training of one process, to float tolerance (only the gradient sums' order differs)."""
     one, two = tmp_path / "one", tmp_path / "two"
     argv = train_argv(setup, one, "--steps", "2", "--micro-batch", "1")
     assert cse.main(argv) == 0
@@ -133,9 +133,13 @@ def test_two_processes_equal_one(setup, tmp_path):
                           "--nproc_per_node", "2", os.path.join(ROOT, "cse.py"), *argv],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    a, b = weights(one / "checkpoint-2"), weights(two / "checkpoint-2")
-    for k in a:  # Adam moves each weight by about lr = 1e-3 per step: 1e-6 is 0.1% of that
-        assert_close(b[k], a[k], 1e-6, rel=False, what=k)
+    # The second step's update, all tensors together: Adam turns a rounding-level gradient
+    # into a full step of either sign, so single weights may differ by 2 lr; the update may not.
+    a1, a2, b2 = (weights(d / f"checkpoint-{k}") for d, k in ((one, 1), (one, 2), (two, 2)))
+    update = torch.cat([(a2[k] - a1[k]).flatten() for k in a2])
+    error = torch.cat([(b2[k] - a2[k]).flatten() for k in a2])
+    print(f"update norm {update.norm():.4g}, difference {error.norm():.3g}")
+    assert error.norm() < 1e-3 * update.norm()
 
 
 def test_dps_cse_step_equals_diffusers(setup):
