@@ -587,8 +587,8 @@ def parse_args(argv=None):
                    "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
     p.add_argument("--cse", help="a trained CSE (`python cse.py train`'s checkpoint-N folder, "
                    "or a diffusers ControlNet folder or single file): the sampler's denoiser "
-                   "becomes the UNet with its residuals; with --method ddpm, the CSE alone (default: "
-                   "none)")
+                   "becomes the UNet with its residuals; with --method ddpm, the CSE alone "
+                   "(default: none)")
     p.add_argument("--prompt", default="", help="text prompt (default: none, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

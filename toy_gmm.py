@@ -10,10 +10,12 @@ samplers of dmap.py unchanged on such priors:
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 18 cells x 2 step settings
                                     # (30 min on 2 cores: one cell per core)
     python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~5 min)
+    python toy_gmm.py cse           # an inexact CSE: Prop. 4 per step, Fig. 7 (~30 s)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
-(5) the MCGdiff benchmark (Cardoso et al., ICLR 2024; docs/gmm_benchmark.md); (6) the figures
+(5) the MCGdiff benchmark (Cardoso et al., ICLR 2024; docs/gmm_benchmark.md); (5b) an inexact
+conditional score estimator (Sec. 4.2: Prop. 4 and Fig. 7 in the toy); (6) the figures
 (plot.py draws them); (7) the command line. Everything runs in float64 on the CPU, except the
 benchmark's samplers (float32, 3x faster at d = 800; the metric does not move).
 """
@@ -91,6 +93,10 @@ class GMM:
         """The law of alpha x0 + sigma noise: means alpha m_k, eigenvalues alpha^2 lam + sigma^2
         (MCGdiff's VP marginal q_t: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t))."""
         return GMM(self.weights, self.means * alpha, self.lam * alpha**2 + sigma**2, self.U)
+
+    def reweighted(self, weights) -> "GMM":
+        """The same components with other weights."""
+        return GMM(weights, self.means, self.lam, self.U)
 
     def to(self, dtype) -> "GMM":
         """The same mixture in another floating dtype."""
@@ -253,6 +259,9 @@ class LowRankGMM:
 
     def to(self, dtype) -> "LowRankGMM":
         return LowRankGMM(self.inner.to(dtype), self.Q.to(dtype), self.c)
+
+    def reweighted(self, weights) -> "LowRankGMM":
+        return LowRankGMM(self.inner.reweighted(weights), self.Q, self.c)
 
     def log_prob(self, x, sigma=0.0) -> torch.Tensor:
         """log p_inner(Q^T x) + log N(x_perp; 0, (c + sigma^2) I_{d-q}), (N,)."""
@@ -739,6 +748,159 @@ def sort_rows(rows) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# (5b) A conditional score estimator that is not exact (Sec. 4.2, Prop. 4, Fig. 7): the CSE's
+# role in the toy is played by the exact denoiser of a wrong posterior
+# ---------------------------------------------------------------------------------------------
+
+
+def misspecified(prior, A_mat, y, sigma_y) -> dict:
+    """CSEs q(x0 | y) that are wrong on purpose, each the exact posterior of a wrong problem:
+    y's noise taken 3x too large (too little conditioning); the posterior's components with the
+    prior's weights (which mode y picks, ignored); the posterior of a y moved by 3 predictive
+    standard deviations (confidently wrong: there the premise of Prop. 4 should fail)."""
+    shift = 3 * (sigma_y**2 + (A_mat**2).sum(1) * prior_variance(prior)) ** 0.5
+    return {"sigma_y x3": prior.posterior(A_mat, y, 3 * sigma_y),
+            "prior weights": prior.posterior(A_mat, y, sigma_y).reweighted(prior.weights),
+            "y moved 3 sd": prior.posterior(A_mat, y + shift, sigma_y)}
+
+
+def prior_variance(prior) -> float:
+    """c of isotropic components c I (the MCGdiff and Fig. 8 priors); the largest if they
+    differ."""
+    if isinstance(prior, LowRankGMM):
+        return prior.c
+    assert prior.U is None and prior.lam.shape[1] == 1, "isotropic components only"
+    return prior.lam.max().item()
+
+
+def log_evidence(prior, A_mat, y, sigma_y) -> float:
+    """log p(y) = log sum_k w_k N(y; A m_k, c A A^T + sigma_y^2 I) for components c I."""
+    dy = len(y)
+    S = prior_variance(prior) * A_mat @ A_mat.T + sigma_y**2 * torch.eye(dy, dtype=A_mat.dtype)
+    normal = torch.distributions.MultivariateNormal(torch.zeros(dy, dtype=A_mat.dtype), S)
+    return (prior.weights.log() + normal.log_prob(y - prior.means @ A_mat.T)).logsumexp(0).item()
+
+
+def prop4(prior, post, q, A_mat, y, sigma_y, sigmas, n, generator) -> dict:
+    """Our reading of Prop. 4 (the paper's text was not at hand; the README says so): if the
+    CSE's transition is closer to the exact one than the unconditional transition is (cross-
+    entropy), a step from it fits y better (expected log-likelihood).
+
+    Per step, from exact x_t ~ p(x_t | y): the cross-entropies H(p, r) = E_{p(x_{t-1} | x_t,
+    y)}[-log r(x_{t-1} | x_t)] of the exact conditional transition against the ancestral
+    Gaussian r = N(mu, sigma_up^2 I) of the unconditional denoiser ("uncond") and of the CSE
+    q ("cse"), per dimension; and the expected log-likelihoods E_r[log p(y | x_{t-1})] of a
+    step from each, with log p(y | x) = log p(x | y) - log p(x) + log p(y) (Bayes, exact)."""
+    s, d = sigmas.tolist(), prior.means.shape[1]
+    evidence = log_evidence(prior, A_mat, y, sigma_y)
+    out = {k: [] for k in ("sigma", "H_uncond", "H_cse", "L_uncond", "L_cse", "L_exact")}
+    for i in range(len(s) - 2):  # the last step (sigma_up = 0) has no density
+        x = post.noisy(s[i]).sample(n, generator)
+        exact = post.noisy(s[i + 1]).sample_x0(x, (s[i] ** 2 - s[i + 1] ** 2) ** 0.5, generator)
+        out["sigma"].append(s[i])
+        state = generator.get_state()
+        for key, model in (("uncond", prior), ("cse", q)):
+            generator.set_state(state)  # the same noise for both steps: paired differences
+            x_next, mu, sigma_up = dmap.ancestral_step(x, model.denoiser(x, s[i]), s[i],
+                                                       s[i + 1], 1.0, generator)
+            nll = ((exact - mu) ** 2).sum(1) / (2 * sigma_up**2) \
+                + d / 2 * math.log(2 * math.pi * sigma_up**2)
+            out["H_" + key].append(nll.mean().item() / d)
+            out["L_" + key].append(evidence + (post.log_prob(x_next, s[i + 1])
+                                               - prior.log_prob(x_next, s[i + 1])).mean().item())
+        out["L_exact"].append(evidence + (post.log_prob(exact, s[i + 1])
+                                          - prior.log_prob(exact, s[i + 1])).mean().item())
+    return out
+
+
+def cse_benchmark(d, dy, problems, n, seed, steps=20, eta=0.6, callback=None) -> list:
+    """Fig. 7 in the toy, on MCGdiff benchmark problems (weights drawn as the benchmark's):
+    SW to the exact posterior of the CSE alone (DDPM with q's denoiser), DPS and DMAP from the
+    prior's denoiser and from q's (the CSE as their starting point, as DPS+CSE on SD 2.0)."""
+    abars, sigmas, zeta = protocol_schedule(steps)
+    hyper = bench_hyper(zeta, eta)
+    g = torch.Generator().manual_seed(10**6 * seed + 99)
+    weights = torch.randn(25, generator=g, dtype=F64) ** 2
+    rows = []
+    for i in range(problems):
+        problem = protocol_problem(d, dy, weights / weights.sum(), g)
+        prior = LowRankGMM.from_gmm(problem[0])
+        post, ref = prior.posterior(*problem[1:]), None
+        ref = post.sample(n, g)
+        A, parts = linear_operator(problem[1][None])
+        runs = [("dps", "dps", prior), ("dmap", "dmap", prior)]
+        for label, q in misspecified(prior, *problem[1:]).items():
+            runs += [(f"CSE alone, {label}", "ddpm", q), (f"DPS+CSE, {label}", "dps", q),
+                     (f"DMAP+CSE, {label}", "dmap", q)]
+        for label, name, model in runs:
+            x = float(sigmas[0]) * torch.randn(n, d, generator=g, dtype=F64)
+            x = dmap.SAMPLERS[name](model.denoiser, x, problem[2].expand(n, dy), A, sigmas,
+                                    generator=g, **hyper[name])
+            rows.append(dict(problem=i, method=label, sw=sliced_wasserstein(
+                x, ref, generator=torch.Generator().manual_seed(i))))
+            if callback is not None:
+                callback(label)
+    return rows
+
+
+def cse_study(problems, n, seed, steps=20, eta=0.6, callback=None) -> dict:
+    """Prop. 4 per step on the first d = 8, dy = 1 benchmark problem and Fig. 7's comparison
+    on `problems` of them, for each misspecification of `misspecified`."""
+    _, sigmas, _ = protocol_schedule(steps)
+    g = torch.Generator().manual_seed(10**6 * seed + 99)
+    weights = torch.randn(25, generator=g, dtype=F64) ** 2
+    problem = protocol_problem(8, 1, weights / weights.sum(), g)
+    prior = LowRankGMM.from_gmm(problem[0])
+    post = prior.posterior(*problem[1:])
+    prop = {label: prop4(prior, post, q, *problem[1:], sigmas, n, torch.Generator().manual_seed(
+        seed)) for label, q in misspecified(prior, *problem[1:]).items()}
+    return dict(prop4=prop, sw=cse_benchmark(8, 1, problems, n, seed, steps, eta, callback))
+
+
+def cse_tables(study) -> str:
+    """Markdown: Prop. 4's premise and conclusion per step, and Fig. 7's SW table."""
+    lines = ["Prop. 4 per step (first d = 8, dy = 1 problem, x_t ~ exact p(x_t | y)): premise "
+             "H(p, q) < H(p, p_uncond), conclusion E_q log p(y | x) > E_uncond log p(y | x)\n",
+             "| CSE | steps | premise holds | conclusion holds | both | premise without "
+             "conclusion | mean H uncond / cse (per dim) | mean E log p(y | x) uncond / cse "
+             "/ exact |", "|---|---|---|---|---|---|---|---|"]
+    for label, o in study["prop4"].items():
+        premise = np.array(o["H_cse"]) < np.array(o["H_uncond"])
+        conclusion = np.array(o["L_cse"]) > np.array(o["L_uncond"])
+        lines.append(f"| {label} | {len(premise)} | {premise.sum()} | {conclusion.sum()} | "
+                     f"{(premise & conclusion).sum()} | {(premise & ~conclusion).sum()} | "
+                     f"{np.mean(o['H_uncond']):.3f} / {np.mean(o['H_cse']):.3f} | "
+                     f"{np.mean(o['L_uncond']):.3f} / {np.mean(o['L_cse']):.3f} / "
+                     f"{np.mean(o['L_exact']):.3f} |")
+    sw = {}
+    for r in study["sw"]:
+        sw.setdefault(r["method"], []).append(r["sw"])
+    lines += ["", "Fig. 7 in the toy: sliced Wasserstein to the exact posterior, mean ± 95% "
+              f"interval over {len(sw['dps'])} problems (d = 8, dy = 1, 20 steps)\n",
+              "| method | SW |", "|---|---|"]
+    for label, v in sw.items():
+        ci = 1.96 * np.std(v) / len(v) ** 0.5
+        lines.append(f"| {label} | {np.mean(v):.2f} ± {ci:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_cse(study) -> dict:
+    """The per-step gaps of Prop. 4, CSE minus unconditional, against sigma."""
+    prop = study["prop4"]
+    sig = next(iter(prop.values()))["sigma"]
+    gap = {k: plot.line_plot({label: (sig, np.subtract(o[f"{k}_cse"], o[f"{k}_uncond"]))
+                              for label, o in prop.items()}, logx=True,
+                             title=title, xlabel="sigma (sampling runs right to left)",
+                             ylabel=ylabel)
+           for k, title, ylabel in (
+               ("H", "Prop. 4 premise: H(p, q) - H(p, p_uncond) per step\n(below 0: the CSE "
+                "is closer to the exact transition)", "cross-entropy gap per dimension"),
+               ("L", "Prop. 4 conclusion: E_q log p(y | x) - E_uncond log p(y | x)\n(above 0: "
+                "a step from the CSE fits y better)", "expected log-likelihood gap"))}
+    return {"cse_cross_entropy.png": gap["H"], "cse_log_likelihood.png": gap["L"]}
+
+
+# ---------------------------------------------------------------------------------------------
 # (6) The figures: what each one shows (plot.py draws them)
 # ---------------------------------------------------------------------------------------------
 
@@ -922,9 +1084,10 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="all",
-                        choices=["all", "fig8", "observations", "benchmark"],
+                        choices=["all", "fig8", "observations", "benchmark", "cse"],
                         help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
-                        "the full MCGdiff benchmark")
+                        "the full MCGdiff benchmark; cse: an inexact CSE, Prop. 4 and Fig. 7 "
+                        "(about 40 s)")
     parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--sigma-y", type=float, default=1.0,
@@ -1007,7 +1170,15 @@ def compute(args, progress) -> dict:
         outputs[name + ".md"] = f"# MCGdiff GMM benchmark ({'full' if full else 'slice'})\n{table}"
         outputs[name + ".json"] = json.dumps(rows)
         print(table)
-    if args.part != "benchmark":
+    if args.part == "cse":
+        problems = args.problems or (2 if args.quick else 10)
+        bar = progress("CSE: SW runs", problems * 11, "run")
+        study = cse_study(problems, args.bench_samples, args.seed, callback=lambda _: bar.update())
+        bar.close()
+        outputs.update(draw_cse(study))
+        outputs["cse.md"], outputs["cse.json"] = cse_tables(study), json.dumps(study)
+        print(outputs["cse.md"])
+    elif args.part != "benchmark":
         outputs["summary.md"], outputs["summary.json"] = text, json.dumps(summary)
     return outputs
 

@@ -40,8 +40,9 @@ def setup(tmp_path_factory):
 def train_argv(setup, out, *extra):
     root, images, _, _ = setup
     return ["train", "--model", root, "--images", images, "--out", str(out), "--size", "64",
-            "--num-images", "5", "--batch", "4", "--micro-batch", "2", "--lr", "1e-3", "--steps", "3",
-            "--checkpoint-every", "1", "--validate-every", "0", "--device", "cpu", *extra]
+            "--num-images", "5", "--batch", "4", "--micro-batch", "2", "--lr", "1e-3",
+            "--steps", "3", "--checkpoint-every", "1", "--validate-every", "0", "--device", "cpu",
+            *extra]
 
 
 def weights(checkpoint) -> dict:

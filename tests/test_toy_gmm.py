@@ -360,3 +360,42 @@ def test_interrupt_writes_nothing(tmp_path, capsys, monkeypatch):
     assert err[-1] == ("interrupted in Observation I steps, then II, 0 of 21 steps done; "
                        "nothing written"), err[-1]
     assert list(out.iterdir()) == []
+
+
+def test_log_likelihood_by_bayes_equals_direct():
+    """prop4's log p(y | x_sigma) = log p(x | y) - log p(x) + log p(y) (log_evidence) equals the
+    direct mixture sum_k r_k(x) N(y; A m_k(x), v A A^T + sigma_y^2 I), with the component
+    posterior m_k(x) = (c x + sigma^2 m_k) / (c + sigma^2), v = c sigma^2 / (c + sigma^2)."""
+    prior, A_mat, y = toy_gmm.fig8_problem()
+    A_mat, sigma_y, sigma = A_mat[:1], 0.7, 0.9  # one measured coordinate
+    y = y[:1]
+    post = prior.posterior(A_mat, y, sigma_y)
+    x = prior.noisy(sigma).sample(50, torch.Generator().manual_seed(0))
+    bayes = (post.log_prob(x, sigma) - prior.log_prob(x, sigma)
+             + toy_gmm.log_evidence(prior, A_mat, y, sigma_y))
+    c = prior.lam[:, 0]  # (K,)
+    m = (c[:, None, None] * x + sigma**2 * prior.means[:, None]) / (c + sigma**2)[:, None, None]
+    v = c * sigma**2 / (c + sigma**2)
+    var = v * (A_mat**2).sum() + sigma_y**2  # (K,)
+    log_n = -0.5 * ((y - m @ A_mat.T)[..., 0] ** 2 / var[:, None] + torch.log(2 * math.pi * var)
+                    [:, None])  # (K, N)
+    direct = (prior.responsibilities(x, sigma).T.log() + log_n).logsumexp(0)
+    assert_close(bayes, direct, 1e-10, what="log p(y | x)")
+
+
+def test_cse_study_quick():
+    """The misspecified CSEs are what they say (the sigma_y x3 one is the posterior at 3 sigma_y;
+    the reweighted one keeps the posterior's components) and the Prop. 4 record is complete and
+    finite."""
+    prior, A_mat, y = toy_gmm.fig8_problem()
+    qs = toy_gmm.misspecified(prior, A_mat, y, 1.0)
+    three = prior.posterior(A_mat, y, 3.0)
+    assert torch.equal(qs["sigma_y x3"].means, three.means)
+    post = prior.posterior(A_mat, y, 1.0)
+    assert torch.equal(qs["prior weights"].means, post.means)
+    assert torch.equal(qs["prior weights"].weights, prior.weights)
+    out = toy_gmm.prop4(prior, post, post, A_mat, y, 1.0, toy_gmm.fig8_sigmas(10), 500,
+                        torch.Generator().manual_seed(0))
+    assert all(len(v) == 9 and all(math.isfinite(u) for u in v) for v in out.values())
+    # the exact posterior as the CSE: its step is closer to the exact transition on average
+    assert sum(out["H_cse"]) < sum(out["H_uncond"])
