@@ -657,7 +657,10 @@ def train(args) -> str:
         raise ValueError(f"{last_checkpoint(args.out)} exists; pass --resume to continue it, or "
                          "another --out")
     images, held = choose_images(args.images, args.n, args.data_seed)
-    small = sum(1 for p in images if min(Image.open(p).size) < args.size)
+    small = 0
+    for path in images:
+        with Image.open(path) as image:
+            small += min(image.size) < args.size
     if small and rank == 0:
         print(f"note: {small} of {len(images)} images are smaller than {args.size} px; the "
               "random crop upscales them (blurrier training targets)", file=sys.stderr)

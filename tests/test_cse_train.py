@@ -267,3 +267,12 @@ def test_bad_input(setup, tmp_path, capsys):
     assert "checkpoint-1 exists; pass --resume" in capsys.readouterr().err
     assert cse.main(train_argv(setup, run, "--steps", "2", "--resume", "--lr", "2e-3")) == 2
     assert "lr 0.001 (now 0.002)" in capsys.readouterr().err
+
+
+def test_fewer_images_than_the_batch(setup, tmp_path):
+    """2 images, batch 4: each epoch is a fresh order of both, so a batch holds each twice (the
+    authors repeat their list up to the batch)."""
+    assert cse.main(train_argv(setup, tmp_path, "--num-images", "2", "--steps", "1")) == 0
+    orders = [cse.epoch_order(2, 0, e) for e in range(2)]
+    assert all(sorted(o) == [0, 1] for o in orders)
+    assert json.load(open(tmp_path / "checkpoint-1" / "cse.json"))["n"] == 2
