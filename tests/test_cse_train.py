@@ -276,3 +276,23 @@ def test_fewer_images_than_the_batch(setup, tmp_path):
     orders = [cse.epoch_order(2, 0, e) for e in range(2)]
     assert all(sorted(o) == [0, 1] for o in orders)
     assert json.load(open(tmp_path / "checkpoint-1" / "cse.json"))["n"] == 2
+
+
+def test_gradient_checkpointing_changes_nothing():
+    """--grad-checkpoint recomputes activations: the same loss and ControlNet gradients."""
+    import unet
+
+    torch.manual_seed(0)
+    u = randomize(unet.UNet(unet.TINY)).requires_grad_(False)
+    c = randomize(cse.from_unet(u), seed=1)
+    g = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    context = torch.randn(2, 77, unet.TINY.cross_attention_dim, generator=g)
+    grads = []
+    for on in (False, True):
+        u.gradient_checkpointing = c.gradient_checkpointing = on
+        c.zero_grad()
+        loss = u(x, 300, context, c(x, 300, context, hint)).pow(2).mean()
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in c.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads, strict=True))
