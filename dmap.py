@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 import clip
+import metrics
 import operators
 import plot
 import unet
@@ -512,12 +513,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images on [0, 1] (official fid.py:22-24, per image)."""
-    mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
-    return float("inf") if mse == 0 else float(-10 * np.log10(mse))
-
-
 def write_atomic(path: str, save) -> None:
     """save(tmp) then rename onto path, so a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
@@ -811,7 +806,7 @@ def restore(args) -> tuple[dict, dict]:
                                total=round(time.perf_counter() - start, 1)),
                   outputs=[os.path.basename(p) for p in paths.values()])
     if x_ref is not None:
-        record["psnr"] = round(psnr(restored, panel["reference"]), 3)
+        record["psnr"] = round(metrics.psnr(restored, panel["reference"]), 3)
     try:
         save(paths, record, dict(restored=restored, measurement=to_uint8(y), panel=panel))
     except KeyboardInterrupt:
