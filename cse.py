@@ -361,13 +361,14 @@ def load_cse(path: str, op: str, size: int, device=None, dtype=None) -> tuple[Co
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def readable(path: str) -> bool:
+def min_side(path: str) -> int:
+    """The shorter side of the image at path in pixels; 0 when it cannot be read whole."""
     try:
         with Image.open(path) as image:
             image.load()
-        return True
+            return min(image.size)
     except (OSError, ValueError, Image.DecompressionBombError):
-        return False
+        return 0
 
 
 def choose_images(folder: str, n: int | None, seed: int = 42) -> tuple[list[str], list[str]]:
@@ -380,12 +381,10 @@ def choose_images(folder: str, n: int | None, seed: int = 42) -> tuple[list[str]
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
                    for f in files if f.lower().endswith(IMAGE_TYPES))
     random.Random(seed).shuffle(paths)
-    chosen, bad, last = [], [], -1
-    for last, path in enumerate(paths):
-        if n is not None and len(chosen) == n:
-            last -= 1
-            break
-        (chosen if readable(path) else bad).append(path)
+    chosen, bad, i = [], [], 0
+    while i < len(paths) and (n is None or len(chosen) < n):
+        (chosen if min_side(paths[i]) else bad).append(paths[i])
+        i += 1
     if bad:
         print(f"note: skipped {len(bad)} unreadable file(s), e.g. {bad[0]}", file=sys.stderr)
     if not chosen:
@@ -394,7 +393,7 @@ def choose_images(folder: str, n: int | None, seed: int = 42) -> tuple[list[str]
     if n is not None and len(chosen) < n:
         raise ValueError(f"--n {n}, but {folder} holds {len(chosen)} readable images; pass "
                          f"--n {len(chosen)} or add images")
-    return chosen, paths[last + 1:]
+    return chosen, paths[i:]
 
 
 def uniform(g: torch.Generator, a: float, b: float) -> float:
@@ -520,6 +519,9 @@ def batch_losses(controlnet, sd: dmap.Pipeline, context, images, op, op_args, ks
     return (out.float() - target).pow(2).mean((1, 2, 3))
 
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the folder name of a whole checkpoint
+
+
 def save_checkpoint(out: str, step: int, controlnet: ControlNet, optimizer, info: dict) -> str:
     """out/checkpoint-N/: controlnet/ (config.json + diffusion_pytorch_model.safetensors, the
     diffusers layout the authors' checkpoints have), cse.json (what it was trained for, how
@@ -547,9 +549,6 @@ def save_checkpoint(out: str, step: int, controlnet: ControlNet, optimizer, info
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out, name, "state.pt"))
     return final
-
-
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def last_checkpoint(out: str) -> str | None:
@@ -629,12 +628,8 @@ def distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 def validation_images(held: list[str], train: list[str], size: int, n: int = 2) -> list[str]:
     """Up to n held-out images at least size x size (training images when none is left)."""
-    def big(path):
-        with contextlib.suppress(OSError, ValueError), Image.open(path) as image:
-            return min(image.size) >= size
-        return False
-
-    return ([p for p in held[:8 * n] if big(p)] or [p for p in train if big(p)])[:n]
+    return ([p for p in held[:8 * n] if min_side(p) >= size]
+            or [p for p in train if min_side(p) >= size])[:n]
 
 
 def train(args) -> str:
@@ -653,14 +648,11 @@ def train(args) -> str:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if not args.resume and last_checkpoint(args.out) is not None:
-        raise ValueError(f"{last_checkpoint(args.out)} exists; pass --resume to continue it, or "
-                         "another --out")
+    last = last_checkpoint(args.out)  # --resume with nothing to resume starts afresh
+    if last and not args.resume:
+        raise ValueError(f"{last} exists; pass --resume to continue it, or another --out")
     images, held = choose_images(args.images, args.n, args.data_seed)
-    small = 0
-    for path in images:
-        with Image.open(path) as image:
-            small += min(image.size) < args.size
+    small = sum(min_side(path) < args.size for path in images)
     if small and rank == 0:
         print(f"note: {small} of {len(images)} images are smaller than {args.size} px; the "
               "random crop upscales them (blurrier training targets)", file=sys.stderr)
@@ -684,7 +676,6 @@ def train(args) -> str:
                 data_seed=args.data_seed, seed=args.seed, batch=B, lr=args.lr,
                 prediction=sd.prediction, model=os.path.abspath(args.model),
                 train_images=[os.path.relpath(p, args.images) for p in images])
-    last = last_checkpoint(args.out)  # --resume with nothing to resume starts afresh
     start = resume(last, info, controlnet, optimizer, device) if args.resume and last else 0
     model = controlnet if world == 1 else torch.nn.parallel.DistributedDataParallel(controlnet)
 
@@ -859,6 +850,9 @@ def main(argv=None) -> int:
         print(f"interrupted {e.args[0] if e.args else 'before the first step; nothing written'}",
               file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(f"{done} in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -813,19 +813,26 @@ def prop4(prior, post, q, A_mat, y, sigma_y, sigmas, n, generator) -> dict:
     return out
 
 
+def cse_problems(d, dy, seed):
+    """(g, draw): draw() is the next MCGdiff problem of the CSE study (weights drawn as the
+    benchmark draws them), from g, which the caller goes on drawing samples from."""
+    g = torch.Generator().manual_seed(10**6 * seed + 99)
+    weights = torch.randn(25, generator=g, dtype=F64) ** 2
+    return g, lambda: protocol_problem(d, dy, weights / weights.sum(), g)
+
+
 def cse_benchmark(d, dy, problems, n, seed, steps=20, eta=0.6, callback=None) -> list:
     """Fig. 7 in the toy, on MCGdiff benchmark problems (weights drawn as the benchmark's):
     SW to the exact posterior of the CSE alone (DDPM with q's denoiser), DPS and DMAP from the
     prior's denoiser and from q's (the CSE as their starting point, as DPS+CSE on SD 2.0)."""
-    abars, sigmas, zeta = protocol_schedule(steps)
+    _, sigmas, zeta = protocol_schedule(steps)
     hyper = bench_hyper(zeta, eta)
-    g = torch.Generator().manual_seed(10**6 * seed + 99)
-    weights = torch.randn(25, generator=g, dtype=F64) ** 2
+    g, draw = cse_problems(d, dy, seed)
     rows = []
     for i in range(problems):
-        problem = protocol_problem(d, dy, weights / weights.sum(), g)
+        problem = draw()
         prior = LowRankGMM.from_gmm(problem[0])
-        post, ref = prior.posterior(*problem[1:]), None
+        post = prior.posterior(*problem[1:])
         ref = post.sample(n, g)
         A, parts = linear_operator(problem[1][None])
         runs = [("dps", "dps", prior), ("dmap", "dmap", prior)]
@@ -847,9 +854,7 @@ def cse_study(problems, n, seed, steps=20, eta=0.6, callback=None) -> dict:
     """Prop. 4 per step on the first d = 8, dy = 1 benchmark problem and Fig. 7's comparison
     on `problems` of them, for each misspecification of `misspecified`."""
     _, sigmas, _ = protocol_schedule(steps)
-    g = torch.Generator().manual_seed(10**6 * seed + 99)
-    weights = torch.randn(25, generator=g, dtype=F64) ** 2
-    problem = protocol_problem(8, 1, weights / weights.sum(), g)
+    problem = cse_problems(8, 1, seed)[1]()  # the first problem of cse_benchmark
     prior = LowRankGMM.from_gmm(problem[0])
     post = prior.posterior(*problem[1:])
     prop = {label: prop4(prior, post, q, *problem[1:], sigmas, n, torch.Generator().manual_seed(
