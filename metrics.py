@@ -7,12 +7,19 @@ RGB channel, K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the p
 window lies inside the image. Both equal scikit-image's `skimage.metrics` with the settings
 named in each docstring (tests/test_metrics.py); (3) the Frechet distance and KID between two
 sets of features, the distances FID and KID compute on Inception features (tested against
-closed forms and pytorch-fid's sqrtm form).
+closed forms and pytorch-fid's sqrtm form); (4) the two networks of LPIPS and FID, written in
+plain torch with the layer names of the community weight files, so the very files that the
+`lpips` and `pytorch-fid` packages load give the very numbers they give (tests/test_metric_nets.py
+compares both, on random weights, with the packages themselves).
 """
+
+import os
+import urllib.error
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,3 +97,247 @@ def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1
         values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
                       - 2 * kxy.mean())
     return float(np.mean(values)), float(np.std(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) The community networks: LPIPS (AlexNet, v0.1) and the FID InceptionV3
+# ---------------------------------------------------------------------------------------------
+
+# The files the community packages load, and where they download them from. torch.hub checks
+# the SHA-256 prefix that the first and last names carry; lpips ships alex.pth in its wheel.
+WEIGHTS = {
+    "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "alex.pth": "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/"
+                "weights/v0.1/alex.pth",
+    "pt_inception-2015-12-05-6726825d.pth": "https://github.com/mseitzer/pytorch-fid/releases/"
+                                            "download/fid_weights/"
+                                            "pt_inception-2015-12-05-6726825d.pth",
+}
+
+
+def load_weights(name: str, folder: str | None = None) -> dict:
+    """The state dict in weight file `name`: from `folder` (--metric-weights), else from
+    $TORCH_HOME/hub/checkpoints, else downloaded there by torch.hub with its hash checked;
+    ValueError naming the file, its URL and where to put it when none of these works."""
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    for where in [folder, hub] if folder else [hub]:
+        path = os.path.join(where, name)
+        if os.path.isfile(path):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, not a torch file, or pickled code
+                raise ValueError(f"{path} is not a readable weight file ({type(e).__name__}); "
+                                 f"download it again from {WEIGHTS[name]}") from None
+    try:
+        return torch.hub.load_state_dict_from_url(WEIGHTS[name], model_dir=hub, progress=False,
+                                                  check_hash=True, map_location="cpu",
+                                                  weights_only=True)
+    except (OSError, RuntimeError, urllib.error.URLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"metric weights {name} are missing and could not be downloaded "
+                         f"({reason}): download {WEIGHTS[name]} into {folder or hub}, or pass "
+                         "--metric-weights DIR") from None
+
+
+def load_into(module: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load `state` into `module` (BatchNorm's num_batches_tracked may be absent), in eval mode;
+    ValueError when a tensor is missing or of another shape: not the file `what` names."""
+    own = module.state_dict()
+    bad = [k for k, v in own.items() if not k.endswith("num_batches_tracked")
+           and (k not in state or state[k].shape != v.shape)]
+    if bad:
+        raise ValueError(f"these are not the {what} weights: {bad[0]} is missing or of another "
+                         f"shape ({len(bad)} such tensors)")
+    module.load_state_dict({k: state.get(k, v) for k, v in own.items()})
+    return module.eval().requires_grad_(False)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with AlexNet (Zhang et al., CVPR 2018; lpips 0.1.4, lpips/pretrained_networks.py
+    and lpips/lpips.py): images in [-1, 1] are shifted and scaled per channel (ScalingLayer),
+    the five ReLU outputs of torchvision's AlexNet features are unit-normalised over channels
+    (eps 1e-10), their squared differences weighted by the 1 x 1 "lin" layers (no bias) and
+    averaged over space, and the five terms summed."""
+
+    SHIFT = (-0.030, -0.088, -0.188)
+    SCALE = (0.458, 0.448, 0.450)
+    TAPS = (1, 4, 7, 9, 11)  # the ReLUs after which lpips' slices 1-5 end
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(  # torchvision's alexnet().features, same indices
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+        self.lin = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 192, 384, 256, 256))
+        shape = (1, 3, 1, 1)
+        self.register_buffer("shift", torch.tensor(self.SHIFT).view(shape), persistent=False)
+        self.register_buffer("scale", torch.tensor(self.SCALE).view(shape), persistent=False)
+
+    @classmethod
+    def load(cls, folder: str | None = None) -> "LPIPS":
+        """torchvision's AlexNet file (features.*) plus lpips' v0.1 alex.pth (lin{i}.model.1)."""
+        alexnet, lin = load_weights("alexnet-owt-7be5be79.pth", folder), load_weights("alex.pth",
+                                                                                     folder)
+        state = {k: v for k, v in alexnet.items() if k.startswith("features.")}
+        state.update({f"lin.{i}.weight": lin.get(f"lin{i}.model.1.weight") for i in range(5)})
+        return load_into(cls(), {k: v for k, v in state.items() if v is not None}, "LPIPS")
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pairs in [-1, 1] -> (N,) distances."""
+        x = (torch.cat([a, b]) - self.shift) / self.scale
+        total, k = 0, 0
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                unit = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fa, fb = unit.chunk(2)
+                total = total + self.lin[k]((fa - fb) ** 2).mean((2, 3))
+                k += 1
+        return total.flatten()
+
+
+class Conv(nn.Module):
+    """torchvision's BasicConv2d: convolution without bias, BatchNorm (eps 0.001), ReLU."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def average3(x):
+    """The 3 x 3 average pool of pytorch-fid's FIDInception blocks: padding left out of the
+    mean (count_include_pad=False), as in the TensorFlow graph, unlike torchvision's."""
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # pytorch-fid FIDInceptionA (inception.py)
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = Conv(cin, 48, 1), Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
+        self.branch_pool = Conv(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(average3(x))], 1)
+
+
+class InceptionB(nn.Module):  # torchvision InceptionB (the grid reduction to 17 x 17)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionC(nn.Module):  # pytorch-fid FIDInceptionC: factorised 7 x 7 convolutions
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = Conv(cin, c7, 1), Conv(c7, c7, **row)
+        self.branch7x7_3 = Conv(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **row), Conv(c7, c7, **col)
+        self.branch7x7dbl_5 = Conv(c7, 192, **row)
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([self.branch1x1(x),
+                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
+                          self.branch_pool(average3(x))], 1)
+
+
+class InceptionD(nn.Module):  # torchvision InceptionD (the grid reduction to 8 x 8)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = Conv(cin, 192, 1), Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = Conv(cin, 192, 1)
+        self.branch7x7x3_2 = Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = Conv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = x
+        for i in range(1, 5):
+            b = getattr(self, f"branch7x7x3_{i}")(b)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionE(nn.Module):
+    """pytorch-fid FIDInceptionE_1 (average pool without padding) and, with max_pool,
+    FIDInceptionE_2 (Mixed_7c: a 3 x 3 max pool, a bug of the TensorFlow graph kept for FID)."""
+
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.max_pool = max_pool
+        self.branch1x1 = Conv(cin, 320, 1)
+        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, **row), Conv(384, 384, **col)
+        self.branch3x3dbl_1 = Conv(cin, 448, 1)
+        self.branch3x3dbl_2 = Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, **row), Conv(384, 384, **col)
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else average3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+                          self.branch_pool(pool)], 1)
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid 0.3.0's InceptionV3 up to the 2048-d pool features (output block 3, the FID
+    default): images in [0, 1] resized to 299 x 299 bilinearly (align_corners False, no
+    antialias), scaled to [-1, 1], torchvision's Inception3 with pytorch-fid's FID blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = Conv(3, 32, 3, stride=2), Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = Conv(64, 80, 1), Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c = InceptionA(192, 32), InceptionA(256, 64)
+        self.Mixed_5d, self.Mixed_6a = InceptionA(288, 64), InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a, self.Mixed_7b = InceptionD(768), InceptionE(1280)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+
+    @classmethod
+    def load(cls, folder: str | None = None) -> "FIDInception":
+        """pytorch-fid's pt_inception-2015-12-05 file (its 1008-way fc layer is not used)."""
+        return load_into(cls(), load_weights("pt_inception-2015-12-05-6726825d.pth", folder),
+                         "FID Inception")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, 2048) pool features."""
+        x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
+        x = F.max_pool2d(x, 3, 2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean((2, 3))
