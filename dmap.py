@@ -318,6 +318,38 @@ def model_parts(method: str, **parts) -> dict:
     return {name: part for name, part in parts.items() if name in wanted}
 
 
+def implied_score(name, denoiser, x, y, A, sigma: float, sigma_next: float, *, repeats=1,
+                  seed=0, parts=None, **hyper):
+    """The score that one step of sampler `name` from sigma to sigma_next implies at x (eta = 1),
+    the quantity of Observation I (Xu et al. Sec. 3.1, Prop. 1, Eq. 9).
+
+    Derivation for dps: x_next = mu + sigma_up eps - zeta g, mu = x + (x - x0_hat)/sigma
+    (sigma_down - sigma). Writing this as an unguided step, x_next = x + (x - x0_hat')/sigma
+    (sigma_down - sigma) + sigma_up eps, defines x0_hat' = x0_hat - zeta g sigma/(sigma -
+    sigma_down), and by Tweedie s' = (x0_hat' - x)/sigma^2 = s - zeta g/(sigma (sigma -
+    sigma_down)); with eta = 1, sigma_down = sigma_next^2/sigma, so sigma (sigma - sigma_down) =
+    sigma^2 - sigma_next^2. For any sampler we use the same identity with the mean shift
+    E[x_next - x_next(ddpm)] over `repeats` noise draws eps shared by both: exact for dps (the
+    shift does not depend on eps); for dsg and dmap, which redraw the noise direction, it is
+    the drift of the step, the part of it a score can describe. s = (x0_hat - x) / sigma^2 is
+    the denoiser's own (Tweedie, Eq. 4). Returns the score (N, n) and the Monte Carlo variance
+    of its estimate, (N,), zero for repeats = 1 (to debias squared errors); parts: PSLD's.
+    """
+    sigmas = torch.tensor([sigma, sigma_next], dtype=torch.float64)
+    xs = x.repeat_interleave(repeats, 0)
+    step = {}
+    for method in (name, "ddpm"):
+        generator = torch.Generator(x.device).manual_seed(seed)
+        step[method] = SAMPLERS[method](denoiser, xs, y, A, sigmas, generator=generator,
+                                        **model_parts(method, **(parts or {})),
+                                        **(hyper if method == name else {}))
+    shift = (step[name] - step["ddpm"]).view(len(x), repeats, -1) / (sigma**2 - sigma_next**2)
+    mc_var = shift.var(1).sum(1) / repeats if repeats > 1 else x.new_zeros(len(x))
+    with torch.no_grad():
+        score = (denoiser(x, sigma) - x).flatten(1) / sigma**2
+    return score + shift.mean(1), mc_var
+
+
 # ---------------------------------------------------------------------------------------------
 # (4) Stable Diffusion 2.0: its schedule in sigma space, its denoiser, loading the weights
 # ---------------------------------------------------------------------------------------------
@@ -711,7 +743,8 @@ def load_denoiser(args, sd: Pipeline, op, y, device, dtype) -> tuple:
 
 def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
            generator) -> torch.Tensor:
-    """The sampler on SD 2.0 latents, from seeded noise, with a progress bar; -> z0."""
+    """The sampler on SD 2.0 latents, from seeded noise, with a progress bar; -> z0, one latent
+    per measurement in the batch y (the samplers treat batch elements independently)."""
 
     def A(z):  # the measurement operator on latents
         return op(sd.decode(z))
@@ -719,9 +752,9 @@ def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
     parts = model_parts(args.method, H=op, adjoint=getattr(op, "adjoint", None),
                         decode=sd.decode, encode=sd.encode)
     sigmas = sd_sigmas(steps, sd.abar)
-    latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
+    latent = (len(y), sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
     noise = noise_like(torch.empty(latent, device=y.device, dtype=y.dtype), generator)
-    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step")
+    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step", leave=False)
 
     def callback(d):
         if not torch.isfinite(d["x"]).all():

@@ -359,28 +359,11 @@ def run(name, prior, A_mat, y, sigmas, x, seed, **hyper):
 
 
 def implied_score(name, prior, A_mat, y, x, sigma, sigma_next, seed, repeats=16, **hyper):
-    """The score that one step of sampler `name` from sigma to sigma_next implies at x (eta = 1).
-
-    Derivation for dps: x_next = mu + sigma_up eps - zeta g, mu = x + (x - x0_hat)/sigma
-    (sigma_down - sigma). Writing this as an unguided step, x_next = x + (x - x0_hat')/sigma
-    (sigma_down - sigma) + sigma_up eps, defines x0_hat' = x0_hat - zeta g sigma/(sigma -
-    sigma_down), and by Tweedie s' = (x0_hat' - x)/sigma^2 = s - zeta g/(sigma (sigma -
-    sigma_down)); with eta = 1, sigma_down = sigma_next^2/sigma, so sigma (sigma - sigma_down) =
-    sigma^2 - sigma_next^2. For any sampler we use the same identity with the mean shift
-    E[x_next - x_next(ddpm)] over `repeats` noise draws eps shared by both: exact for dps (the
-    shift does not depend on eps); for dsg and dmap, which redraw the noise direction, it is
-    the drift of the step, the part of it a score can describe. Returns the score (N, d) and
-    the Monte Carlo variance of its estimate, (N,), zero for dps (to debias squared errors).
-    """
-    sigmas = torch.tensor([sigma, sigma_next], dtype=F64)
-    xs = x.repeat_interleave(repeats, 0)
-    step = {}
-    for method in (name, "ddpm"):
-        step[method] = run(method, prior, A_mat, y, sigmas, xs, seed,
-                           **(hyper if method == name else {}))
-    shift = (step[name] - step["ddpm"]).view(len(x), repeats, -1) / (sigma**2 - sigma_next**2)
-    mc_var = shift.var(1).sum(1) / repeats if repeats > 1 else x.new_zeros(len(x))
-    return prior.score(x, sigma) + shift.mean(1), mc_var
+    """dmap.implied_score (the score one step of sampler `name` implies at x, Prop. 1) with the
+    exact denoiser of `prior` and A x0 = A_mat x0; -> (score (N, d), its Monte Carlo variance)."""
+    A, parts = linear_operator(A_mat[None])
+    return dmap.implied_score(name, prior.denoiser, x, y[None], A, sigma, sigma_next,
+                              repeats=repeats, seed=seed, parts=parts, **hyper)
 
 
 def sliced_wasserstein(a, b, n_slices=100, generator=None) -> float:

@@ -1,0 +1,301 @@
+"""eval.py: `score` pairs folders and reports what it cannot pair; `run` restores exactly what
+dmap.py restores, resumes without recomputing, shards over torchrun (2 processes = 1 process);
+the Sec. 3 estimators against the exact Gaussian mixture of toy_gmm.py; bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from conftest import tiny_pipeline
+from PIL import Image
+
+import dmap
+import eval as evaluation
+import metrics
+import toy_gmm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+
+
+def he_random(model, seed):
+    """Random weights and BatchNorm statistics that keep activations O(1) through deep nets."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.ndim > 1:
+                t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
+            elif name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif t.is_floating_point():
+                t.copy_((1.0 if name.endswith("bn.weight") else 0.0) + 0.1 * torch.randn(
+                    t.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tiny pipeline, photo folder with a text file and a too-small image, metric weights in
+    the community file layouts)."""
+    root = str(tmp_path_factory.mktemp("sd2"))
+    tiny_pipeline(root)
+    photos = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
+    (photos / "notes.txt").write_text("not an image")
+    Image.fromarray(skimage.data.astronaut()[:40, :40]).save(photos / "small.png")
+    weights = tmp_path_factory.mktemp("weights")
+    lp = he_random(metrics.LPIPS(), 0)
+    torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()},
+               weights / "alexnet-owt-7be5be79.pth")
+    torch.save({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(lp.lin)},
+               weights / "alex.pth")
+    torch.save(he_random(metrics.FIDInception(), 1).state_dict(),
+               weights / "pt_inception-2015-12-05-6726825d.pth")
+    return root, str(photos), str(weights)
+
+
+def run_argv(setup, out, *extra):
+    root, photos, weights = setup
+    return ["run", "--images", photos, "--out", str(out), "--model", root, "--size", "64",
+            "--steps", "4", "--n", "3", "--methods", "ddpm,dps,dmap-same", "--device", "cpu",
+            "--metric-weights", weights, "--kid-subset", "3", *extra]
+
+
+def table(out) -> dict:
+    with open(os.path.join(out, "table.json")) as f:
+        t = json.load(f)["table"]
+    for row in t.values():  # what depends on the machine, not on the restorations
+        row.pop("seconds"), row.pop("peak_mb")
+    return t
+
+
+def flatten(tree, prefix=""):
+    """(path, number) leaves of nested dicts and lists."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from flatten(v, f"{prefix}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from flatten(v, f"{prefix}/{i}")
+    else:
+        yield prefix, tree
+
+
+def test_score_pairs_by_name_and_reports_the_rest(setup, tmp_path, capsys):
+    _, photos, weights = setup
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir(), pred.mkdir()
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name in PHOTOS[:4]:
+        r = getattr(skimage.data, name)()[:96, :96]
+        p = np.clip(r + rng.normal(0, 20, r.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(r).save(ref / f"{name}.jpg", quality=100)
+        Image.fromarray(p).save(pred / f"{name}.png")
+        expected[name] = (np.asarray(Image.open(ref / f"{name}.jpg").convert("RGB")), p)
+    Image.fromarray(skimage.data.camera()).save(ref / "camera.png")  # 512 px: resized
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(pred / "camera.png")
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(pred / "extra.png")
+    (ref / "readme.txt").write_text("x")
+    (ref / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    out = tmp_path / "scores.json"
+    argv = ["score", "--ref", str(ref), "--pred", str(pred), "--metric-weights", weights,
+            "--kid-subset", "3", "--json", str(out), "--device", "cpu"]
+    assert evaluation.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 5 and report["only_in_pred"] == ["extra"]
+    assert report["resized"] == ["camera"] and report["not_images"]["ref"] == ["broken.png",
+                                                                             "readme.txt"]
+    rows = {r["name"]: r for r in report["per_image"]}
+    for name, (r, p) in expected.items():
+        assert rows[name]["psnr"] == pytest.approx(metrics.psnr(r, p), rel=1e-12)
+        assert rows[name]["ssim"] == pytest.approx(metrics.ssim(r, p), rel=1e-12)
+    psnrs = [rows[n]["psnr"] for n in rows]
+    m = report["metrics"]["psnr"]
+    assert m["mean"] == pytest.approx(np.mean(psnrs))
+    lo, _ = __import__("scipy").stats.t.interval(0.95, 4, np.mean(psnrs),
+                                                 np.std(psnrs, ddof=1) / np.sqrt(5))
+    assert m["ci95"] == pytest.approx(np.mean(psnrs) - lo)
+    assert report["metrics"]["fid"]["value"] > 0 and "lpips" in report["metrics"]
+    text = capsys.readouterr().out
+    assert "1 restorations without a reference: extra" in text and "| PSNR |" in text
+    assert evaluation.main(argv) == 2  # --json exists
+    assert "pass --force" in capsys.readouterr().err
+
+
+def test_run_restores_as_dmap_py_and_resumes(setup, tmp_path, capsys):
+    root, photos, _ = setup
+    out = tmp_path / "run"
+    assert evaluation.main(run_argv(setup, out)) == 0
+    first = table(out)
+    assert set(first) == {"sr/ddpm", "sr/dps", "sr/dmap-same"}
+    assert first["sr/dps"]["fid"]["value"] > 0 and first["sr/dps"]["psnr"]["n"] == 3
+    text = (out / "table.md").read_text()
+    assert "| dmap-same |" in text and "notes.txt (not an image)" in text
+    assert Image.open(out / "sr" / "grid.png").size[0] > 5 * 64
+    # The restoration is dmap.py's for the same image, seed (seed + index) and settings.
+    assert dmap.main([os.path.join(photos, "chelsea.png"), "--method", "dmap",
+                      "--dmap-setting", "same", "--steps", "2", "--op", "sr", "--size", "64",
+                      "--model", root, "--seed", "2", "--out", str(tmp_path / "cli"),
+                      "--name", "x", "--device", "cpu"]) == 0
+    ours = np.asarray(Image.open(out / "sr" / "dmap-same" / "chelsea.png"))
+    np.testing.assert_array_equal(ours, np.asarray(Image.open(tmp_path / "cli" / "x.png")))
+    # A killed run resumes: only what has no record is redone, and the table is the same.
+    (out / "sr" / "dps" / "camera.json").unlink()
+    kept = os.stat(out / "sr" / "dps" / "astronaut.png").st_mtime_ns
+    capsys.readouterr()
+    assert evaluation.main(run_argv(setup, out)) == 0
+    assert "1 batches restored" in capsys.readouterr().err
+    assert os.stat(out / "sr" / "dps" / "astronaut.png").st_mtime_ns == kept
+    assert table(out) == first
+    # Another setting into the same folder is refused.
+    assert evaluation.main(run_argv(setup, out, "--seed", "3")) == 2
+    assert "holds a run with seed = 0" in capsys.readouterr().err
+
+
+def test_two_processes_equal_one(setup, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): disjoint shards, the merged table (FID from the
+    merged features) equal to one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert evaluation.main(run_argv(setup, one, "--methods", "dps")) == 0
+    argv = [a if a != "--n" else "--num-images" for a in run_argv(setup, two, "--methods",
+                                                                   "dps")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", os.path.join(ROOT, "eval.py"), *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Restorations and per-image metrics equal; features (FID, KID) to float32 rounding, as
+    # one thread per process sums convolutions in another order than two threads.
+    flat = {k: v for k, v in flatten(table(one))}
+    for key, value in flatten(table(two)):
+        assert value == pytest.approx(flat.pop(key), rel=1e-6, abs=1e-9), key
+    assert not flat
+    for stem in ("astronaut", "camera", "chelsea"):
+        np.testing.assert_array_equal(np.asarray(Image.open(one / "sr" / "dps" / f"{stem}.png")),
+                                      np.asarray(Image.open(two / "sr" / "dps" / f"{stem}.png")))
+
+
+def test_batches_restore_every_image(setup, tmp_path):
+    out = tmp_path / "batch"
+    assert evaluation.main(run_argv(setup, out, "--methods", "dps", "--batch", "2",
+                                    "--metrics", "psnr,ssim")) == 0
+    records = [json.loads((out / "sr" / "dps" / f"{s}.json").read_text())
+               for s in ("astronaut", "camera", "chelsea")]
+    assert [r["batch"] for r in records] == [2, 2, 1] and [r["seed"] for r in records] == \
+        [0, 0, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "dps,wrong"], "unknown method wrong"),
+    (["--methods", "dps+cse"], "needs a trained CSE"),
+    (["--op", "sr,nope"], "unknown --op nope"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--size", "4000"], "no image of .* is at least 4000 px"),
+    (["--metrics", "psnr,fidd"], "--metrics takes a comma list"),
+])
+def test_bad_input_is_one_line(setup, tmp_path, capsys, extra, message):
+    assert evaluation.main(run_argv(setup, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and __import__("re").search(message, err[0]), err
+
+
+def test_small_images_are_left_out_with_the_reason(setup):
+    args = evaluation.parse_args(run_argv(setup, "unused", "--n", "10"))
+    images, left_out = evaluation.image_list(args)
+    assert [stem for _, stem, _ in images] == sorted(PHOTOS)
+    assert left_out == [("notes.txt", "not an image"), ("small.png",
+                                                          "40 px, smaller than --size")]
+
+
+def test_empty_folder_and_missing_weights(setup, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    (tmp_path / "empty").mkdir()
+    assert evaluation.main(["score", "--ref", str(tmp_path / "empty"), "--pred",
+                            setup[1]]) == 2
+    assert "holds no readable image" in capsys.readouterr().err
+    assert evaluation.main(["score", "--ref", setup[1], "--pred", setup[1], "--metric-weights",
+                            str(tmp_path / "empty")]) == 2
+    assert "alexnet-owt-7be5be79.pth are missing" in capsys.readouterr().err
+
+
+# --- the estimators of Sec. 3 on the exact GMM (toy_gmm.fig8_problem), where truth is known ---
+
+
+def gmm():
+    prior, A_mat, y = toy_gmm.fig8_problem()
+    post = prior.posterior(A_mat, y, 0.1)
+    A, parts = toy_gmm.linear_operator(A_mat[None])
+    return prior, post, A, parts, y[None]
+
+
+def test_observation_1_is_exact_for_dps_and_unconditional():
+    """On one step from exact posterior samples: the unconditional error is sigma * RMS of the
+    exact score difference, and DPS's implied score is the closed form s - zeta g / (sigma^2 -
+    sigma_next^2) (Prop. 1)."""
+    prior, post, A, parts, y = gmm()
+    sigmas = torch.tensor([1.0, 0.8], dtype=torch.float64)
+    x = post.noisy(1.0).sample(500, torch.Generator().manual_seed(0))
+    out = evaluation.observation_1(post.denoiser, prior.denoiser, [("dps", "dps",
+                                   dict(zeta=0.3))], x, y, A, sigmas, parts=parts)
+    ref = post.score(x, 1.0)
+    exact = ((prior.score(x, 1.0) - ref).pow(2).sum(1).mean() / 2).sqrt().item()
+    assert out["error"]["unconditional"][0] == pytest.approx(exact, rel=1e-9)
+    _, _, g = dmap.measurement_grad(prior.denoiser, x, 1.0, y, A)
+    dps = prior.score(x, 1.0) - 0.3 * g / (1.0 - 0.64)
+    expected = ((dps - ref).pow(2).sum(1).mean() / 2).sqrt().item()
+    assert out["error"]["dps"][0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_observations_2_and_3_find_what_the_paper_says():
+    """Observation II: the exact conditional score has mean zero at x_T (within 3 standard
+    errors) while DPS's (zeta 1) does not; Observation III: DDPM on the exact posterior
+    denoiser spreads as the exact posterior does (pixel_std within 10%)."""
+    prior, post, A, parts, y = gmm()
+    sigmas = toy_gmm.fig8_sigmas(40)
+    x = post.noisy(sigmas[0].item()).sample(4000, torch.Generator().manual_seed(1))
+    two = evaluation.observation_2(post.denoiser, prior.denoiser, [("dps", "dps",
+                                   dict(zeta=1.0))], x, y, A, sigmas, parts=parts, chunk=1000)
+    assert two["reference conditional"]["norm"] < 3 * two["reference conditional"]["se"]
+    assert two["dps"]["norm"] > 6 * two["dps"]["se"]
+    g = torch.Generator().manual_seed(2)
+    x_T = sigmas[0].item() * torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    exact = post.sample(200000, g).std(0).numpy()
+    samples = dmap.ddpm(post.denoiser, x_T, y, A, sigmas, generator=g)
+    np.testing.assert_allclose(evaluation.pixel_std(samples), exact, rtol=0.1)
+
+
+def test_observe_on_a_tiny_model(setup, tmp_path, capsys):
+    import cse
+
+    root, photos, _ = setup
+    ckpt = tmp_path / "cse"
+    assert cse.main(["train", "--model", root, "--images", photos, "--out", str(ckpt), "--size",
+                     "64", "--num-images", "3", "--batch", "2", "--micro-batch", "2",
+                     "--steps", "1", "--lr", "1e-3", "--validate-every", "0",
+                     "--device", "cpu"]) == 0
+    out = tmp_path / "obs"
+    argv = ["observe", "--image", os.path.join(photos, "astronaut.png"), "--op", "sr",
+            "--cse", str(ckpt / "checkpoint-1"), "--out", str(out), "--model", root, "--size",
+            "64", "--steps", "3", "--k", "3", "--k-mean", "4", "--trajectories", "2",
+            "--repeats", "2", "--batch", "2", "--device", "cpu"]
+    assert evaluation.main(argv) == 0
+    one = json.loads((out / "observation_1.json").read_text())
+    dps = [one["error"][f"DPS zeta={z:g}"] for z in (1.2, 4.8, 19.2)]
+    assert np.mean(dps[0]) < np.mean(dps[2])  # a larger step strays further from the CSE
+    maps = [np.load(p) for p in sorted(out.glob("observation_3_*.npy"))]
+    assert len(maps) == 5 and all(m.shape == (64, 64) and (m >= 0).all() for m in maps)
+    assert (out / "observation_1.png").exists() and "Table 2" in (out / "observations.md"
+                                                                  ).read_text()
+    before = os.stat(out / "observation_1.json").st_mtime_ns
+    assert evaluation.main(argv) == 0  # resumes: every part is on disk
+    assert os.stat(out / "observation_1.json").st_mtime_ns == before
