@@ -754,7 +754,7 @@ def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
     sigmas = sd_sigmas(steps, sd.abar)
     latent = (len(y), sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
     noise = noise_like(torch.empty(latent, device=y.device, dtype=y.dtype), generator)
-    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step", leave=False)
+    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step", leave=None)
 
     def callback(d):
         if not torch.isfinite(d["x"]).all():
