@@ -360,22 +360,22 @@ def check_run(args, settings: dict) -> None:
 
 
 class Run:
-    """What every restoration of a run shares: the pipeline, the scorer, the CSE per operator."""
+    """What every restoration of a run shares: the scorer, the pipeline, and the CSE of each
+    operator that a CSE method restores (loaded first, so that a CSE trained for another
+    operator or size is refused before anything is restored)."""
 
-    def __init__(self, args, device, dtype):
+    def __init__(self, args, device, dtype, cse_ops):
         self.args, self.device, self.dtype = args, device, dtype
+        self.scorer = Scorer(args.metrics.split(","), args.metric_weights, device)
+        self.controlnets = {op: cse.load_cse(args.cse, op, args.size, device, dtype)[0]
+                            for op in cse_ops}
         self.sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
         self.context = dmap.encode_prompt(self.sd, "")
-        self.scorer = Scorer(args.metrics.split(","), args.metric_weights, device)
-        self.controlnets = {}
 
     def denoiser(self, method: str, op_name: str, op, y):
         sd = self.sd
         if not method.endswith("cse"):
             return dmap.SDDenoiser(sd.unet, self.context, sd.abar, sd.prediction)
-        if op_name not in self.controlnets:
-            self.controlnets[op_name] = cse.load_cse(self.args.cse, op_name, self.args.size,
-                                                     self.device, self.dtype)[0]
         return cse.CSEDenoiser(sd.unet, self.controlnets[op_name], self.context, sd.abar,
                                op.hint(y), sd.prediction)
 
@@ -560,7 +560,8 @@ def run(args) -> str:
         raise ValueError(f"cannot create --out {args.out} ({e.strerror})") from None
     work = todo(args, images, ops, methods, rank, world)
     if work:
-        context = Run(args, device, getattr(torch, args.dtype))
+        context = Run(args, device, getattr(torch, args.dtype),
+                      {op for op, m, _ in work if m.endswith("cse")})
         if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
             write_json(os.path.join(args.out, "run.json"), settings)
         for op, m, batch in tqdm(work, desc=f"rank {rank}" if world > 1 else "restore",
@@ -786,7 +787,8 @@ def draw_observations(done, maps) -> dict:
                            "against the CSE's, along CSE trajectories")
     top = max(v.max() for v in maps.values())
     heat = plot.image_grid([[plot.heat_map(v, vmin=0, vmax=top, label="std") for v in
-                             maps.values()]], [list(maps)],
+                             maps.values()]], [[f"{k}: mean {v.mean():.3g}" for k, v in
+                                                maps.items()]],
                            title="Observation III: per-pixel standard deviation over samples")
     return {"observation_1.png": curve, "observation_3.png": heat}
 

@@ -274,18 +274,35 @@ def test_observations_2_and_3_find_what_the_paper_says():
     np.testing.assert_allclose(evaluation.pixel_std(samples), exact, rtol=0.1)
 
 
-def test_observe_on_a_tiny_model(setup, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained_cse(setup, tmp_path_factory) -> str:
+    """A CSE for SR at 64 px, one training step (cse.py train)."""
     import cse
 
     root, photos, _ = setup
-    ckpt = tmp_path / "cse"
-    assert cse.main(["train", "--model", root, "--images", photos, "--out", str(ckpt), "--size",
+    out = tmp_path_factory.mktemp("cse")
+    assert cse.main(["train", "--model", root, "--images", photos, "--out", str(out), "--size",
                      "64", "--num-images", "3", "--batch", "2", "--micro-batch", "2",
                      "--steps", "1", "--lr", "1e-3", "--validate-every", "0",
                      "--device", "cpu"]) == 0
+    return str(out / "checkpoint-1")
+
+
+def test_cse_rows_and_a_cse_of_another_operator(setup, trained_cse, tmp_path, capsys):
+    out = tmp_path / "cse"
+    assert evaluation.main(run_argv(setup, out, "--methods", "cse,dps+cse", "--cse",
+                                    trained_cse, "--n", "1", "--metrics", "psnr")) == 0
+    assert set(table(out)) == {"sr/cse", "sr/dps+cse"}
+    assert evaluation.main(run_argv(setup, tmp_path / "blur", "--op", "blur", "--methods",
+                                    "dps+cse", "--cse", trained_cse, "--metrics", "psnr")) == 2
+    assert "sr" in capsys.readouterr().err and not (tmp_path / "blur" / "blur").exists()
+
+
+def test_observe_on_a_tiny_model(setup, trained_cse, tmp_path, capsys):
+    root, photos, _ = setup
     out = tmp_path / "obs"
     argv = ["observe", "--image", os.path.join(photos, "astronaut.png"), "--op", "sr",
-            "--cse", str(ckpt / "checkpoint-1"), "--out", str(out), "--model", root, "--size",
+            "--cse", trained_cse, "--out", str(out), "--model", root, "--size",
             "64", "--steps", "3", "--k", "3", "--k-mean", "4", "--trajectories", "2",
             "--repeats", "2", "--batch", "2", "--device", "cpu"]
     assert evaluation.main(argv) == 0
