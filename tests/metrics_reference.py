@@ -12,17 +12,14 @@ sets, and pytorch-fid's Frechet distance between them.
 import os
 import sys
 
-import lpips
 import numpy as np
-import pytorch_fid.inception as inception
 import torch
-import torchvision
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 
 def randomize(model, seed):
     """He-scaled convolutions, random biases, BatchNorm with random affine and running
-    statistics, so that every tensor shows in the output and activations stay O(1)."""
+    statistics, so that every tensor shows in the output and activations stay O(1) (also the
+    random metric weights of tests/test_eval.py)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -37,6 +34,11 @@ def randomize(model, seed):
 
 
 def main(folder):
+    import lpips  # the reference packages: only in the reference environment
+    import pytorch_fid.inception as inception
+    import torchvision
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
     a, b = (np.load(os.path.join(folder, f"{n}.npy")) for n in ("images", "pairs"))
     ta, tb = (torch.from_numpy(v).permute(0, 3, 1, 2).float() / 255 for v in (a, b))
 

@@ -4,14 +4,17 @@ the Sec. 3 estimators against the exact Gaussian mixture of toy_gmm.py; bad inpu
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 import skimage.data
 import torch
 from conftest import tiny_pipeline
+from metrics_reference import randomize
 from PIL import Image
 
 import dmap
@@ -21,21 +24,6 @@ import toy_gmm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
-
-
-def he_random(model, seed):
-    """Random weights and BatchNorm statistics that keep activations O(1) through deep nets."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.ndim > 1:
-                t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
-            elif name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g))
-            elif t.is_floating_point():
-                t.copy_((1.0 if name.endswith("bn.weight") else 0.0) + 0.1 * torch.randn(
-                    t.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +38,12 @@ def setup(tmp_path_factory):
     (photos / "notes.txt").write_text("not an image")
     Image.fromarray(skimage.data.astronaut()[:40, :40]).save(photos / "small.png")
     weights = tmp_path_factory.mktemp("weights")
-    lp = he_random(metrics.LPIPS(), 0)
+    lp = randomize(metrics.LPIPS(), 0)
     torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()},
                weights / "alexnet-owt-7be5be79.pth")
     torch.save({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(lp.lin)},
                weights / "alex.pth")
-    torch.save(he_random(metrics.FIDInception(), 1).state_dict(),
+    torch.save(randomize(metrics.FIDInception(), 1).state_dict(),
                weights / "pt_inception-2015-12-05-6726825d.pth")
     return root, str(photos), str(weights)
 
@@ -119,8 +107,7 @@ def test_score_pairs_by_name_and_reports_the_rest(setup, tmp_path, capsys):
     psnrs = [rows[n]["psnr"] for n in rows]
     m = report["metrics"]["psnr"]
     assert m["mean"] == pytest.approx(np.mean(psnrs))
-    lo, _ = __import__("scipy").stats.t.interval(0.95, 4, np.mean(psnrs),
-                                                 np.std(psnrs, ddof=1) / np.sqrt(5))
+    lo, _ = scipy.stats.t.interval(0.95, 4, np.mean(psnrs), np.std(psnrs, ddof=1) / np.sqrt(5))
     assert m["ci95"] == pytest.approx(np.mean(psnrs) - lo)
     assert report["metrics"]["fid"]["value"] > 0 and "lpips" in report["metrics"]
     text = capsys.readouterr().out
@@ -203,7 +190,7 @@ def test_batches_restore_every_image(setup, tmp_path):
 def test_bad_input_is_one_line(setup, tmp_path, capsys, extra, message):
     assert evaluation.main(run_argv(setup, tmp_path / "bad", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and __import__("re").search(message, err[0]), err
+    assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_small_images_are_left_out_with_the_reason(setup):
