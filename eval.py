@@ -616,7 +616,10 @@ def observation_1(reference, denoiser, runs, x, y, A, sigmas, *, repeats=8, seed
     the reference conditional denoiser started at x (the CSE on SD, as the paper's ControlNet
     check; the exact posterior on a GMM), every `every`-th step, the score_error against the
     reference's score of the unconditional score and of the score each run (label, sampler,
-    hyper-parameters) implies (dmap.implied_score; `repeats` noise draws, DPS's is exact)."""
+    hyper-parameters) implies (dmap.implied_score; `repeats` noise draws, DPS's is exact).
+    The authors' distance (1 - abar_t) mean((eps - eps_ref)^2) (pipe.py:3537-3577,
+    docs/official_code.md §9.2) is (1 - abar_t) times our value squared; their reference was a
+    StableSR trajectory, which this project has no weights for."""
     s = sigmas.tolist()
     generator = torch.Generator(x.device).manual_seed(seed)
     out = dict(sigmas=[], error={label: [] for label in ["unconditional"] + [r[0] for r in runs]})
@@ -667,7 +670,8 @@ def observation_2(reference, denoiser, runs, x, y, A, sigmas, *, repeats=8, seed
 
 def pixel_std(samples: torch.Tensor) -> np.ndarray:
     """Observation III (Fig. 3, Table 3; Eq. 13): the standard deviation over k samples (k, ...)
-    of one measurement, per coordinate; images (k, 3, H, W) -> (H, W), averaged over RGB."""
+    of one measurement, per coordinate; images (k, 3, H, W) -> (H, W), averaged over RGB (the
+    authors' cal_var.ipynb: torch.std(xs, dim=0) on [-1, 1] images, docs/official_code.md §9.4)."""
     std = samples.double().std(0)
     return (std.mean(0) if std.ndim == 3 else std).cpu().numpy()
 
@@ -747,7 +751,7 @@ def observe(args) -> str:
                 z0 = dmap.SAMPLERS[name](denoiser, noise(b, args.seed + 3 + k), y, A, sigmas,
                                          generator=g, **hyper)
                 with torch.no_grad():
-                    images.append((sd.decode(z0).float().clamp(-1, 1) + 1) / 2)
+                    images.append(sd.decode(z0).float().clamp(-1, 1))  # as the authors
             std = pixel_std(torch.cat(images))
             dmap.write_atomic(path, lambda tmp, v=std: np.save(tmp, v))
         maps[label] = np.load(path)
@@ -764,7 +768,8 @@ def observations_markdown(args, done, maps) -> str:
     lines = [f"# Observations of Sec. 3 on {args.image} ({args.op}, {args.size} px, "
              f"{args.steps} steps, code {code_version()})", "",
              "Reference conditional score: the CSE " + args.cse + ". Errors and means in "
-             "epsilon units per coordinate (sigma * RMS).", "",
+             "epsilon units per coordinate (sigma * RMS); the authors' Fig. 1 plots (1 - abar_t)"
+             " times the squared error.", "",
              f"## Table 1: mean score error over the {len(one['sigmas'])} steps "
              f"({args.trajectories} CSE trajectories)", "", "| score | error |", "|---|---|"]
     lines += [f"| {label} | {np.mean(e):.4g} |" for label, e in one["error"].items()]
@@ -774,7 +779,8 @@ def observations_markdown(args, done, maps) -> str:
     lines += [f"| {label} | {m['norm']:.4g} | {m['se']:.3g} | {m['rms']:.4g} |"
               for label, m in two.items()]
     lines += ["", f"## Table 3: per-pixel standard deviation over {args.k} samples (pixels on "
-              "[0, 1])", "", "| method | mean std |", "|---|---|"]
+              "[-1, 1], as the authors' cal_var.ipynb: StableSR 0.1080, DPS 0.0453)", "",
+              "| method | mean std |", "|---|---|"]
     lines += [f"| {label} | {v.mean():.4g} |" for label, v in maps.items()]
     return "\n".join(lines) + "\n"
 
