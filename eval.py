@@ -93,11 +93,12 @@ class Scorer:
 
 
 def mean_interval(values) -> dict:
-    """The mean and the half-width of its 95% interval (Student t, n - 1 degrees of freedom)."""
+    """The mean and the half-width of its 95% interval (Student t, n - 1 degrees of freedom;
+    None for one value, or with an infinite PSNR of identical images)."""
     v = np.asarray(values, np.float64)
-    half = scipy.stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) \
-        if len(v) > 1 and np.isfinite(v).all() else float("nan")
-    return dict(mean=float(v.mean()), ci95=float(half), n=len(v))
+    half = float(scipy.stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) \
+        if len(v) > 1 and np.isfinite(v).all() else None
+    return dict(mean=float(v.mean()), ci95=half, n=len(v))
 
 
 def summarize(per_image: list[dict], ref_features, pred_features, names, kid_subset) -> dict:
@@ -126,7 +127,7 @@ def cell(summary: dict, metric: str) -> str:
     if metric == "kid":
         return f"{1e3 * s['mean']:.2f} ± {1e3 * s['std']:.2f}"
     digits = {"psnr": 2, "ssim": 4, "lpips": 4}[metric]
-    ci = "" if math.isnan(s["ci95"]) else f" ± {s['ci95']:.{digits}f}"
+    ci = "" if s["ci95"] is None else f" ± {s['ci95']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{ci}"
 
 
@@ -250,7 +251,8 @@ METHODS = {"ddpm": ("ddpm", None), "dps": ("dps", None), "dsg": ("dsg", None),
            "psld": ("psld", None), "cse": ("ddpm", None)}
 PAPER_METHODS = "dps,dsg,dmap,dmap-same,freedom,resample,psld"
 # Settings that change a restoration: a rerun into the same --out must keep them.
-RUN_KEYS = ("model", "prediction", "size", "steps", "seed", "sigma_y", "dtype", "cse", "batch")
+RUN_KEYS = ("model", "prediction", "size", "steps", "seed", "sigma_y", "dtype", "cse", "batch",
+            "metrics")
 
 
 def parse_methods(text: str, has_cse: bool) -> list[str]:
@@ -552,7 +554,8 @@ def run(args) -> str:
                     model=os.path.abspath(args.model), prediction=args.prediction,
                     size=args.size, steps=args.steps, seed=args.seed, sigma_y=args.sigma_y,
                     dtype=args.dtype, cse=args.cse and os.path.abspath(args.cse),
-                    batch=args.batch, device=device.type, code=code_version())
+                    batch=args.batch, metrics=args.metrics, device=device.type,
+                    code=code_version())
     check_run(args, settings)
     try:
         os.makedirs(args.out, exist_ok=True)
