@@ -169,6 +169,37 @@ def test_two_processes_equal_one(setup, tmp_path):
                                       np.asarray(Image.open(two / "sr" / "dps" / f"{stem}.png")))
 
 
+def test_a_failing_rank_loses_nothing_of_the_others(setup, tmp_path):
+    """Under torchrun, rank 1 meets a truncated JPEG (PIL's verify passes it, decoding fails):
+    it stops with one error line, torchrun stops rank 0; every record on disk is whole, and
+    after the file is fixed the same command (here in one process) redoes only what is
+    missing and writes the whole table."""
+    photos, out = tmp_path / "photos", tmp_path / "run"
+    photos.mkdir()
+    for stem, name in zip("acd", ("astronaut", "chelsea", "rocket"), strict=True):
+        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{stem}.png")
+    Image.fromarray(skimage.data.coffee()).save(photos / "b.jpg")
+    whole = (photos / "b.jpg").read_bytes()
+    (photos / "b.jpg").write_bytes(whole[:len(whole) // 2])
+    argv = [a if a != "--n" else "--num-images" for a in run_argv(
+        (setup[0], str(photos), setup[2]), out, "--methods", "dps", "--n", "4")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", os.path.join(ROOT, "eval.py"), *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "error: cannot read image" in done.stderr
+    assert not (out / "table.md").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "sr" / "dps").glob("*.json")}
+    print(f"records kept from the failed run: {sorted(kept)}")
+    for name in kept:  # every record is whole, and so is its restoration
+        json.loads((out / "sr" / "dps" / name).read_text())
+        Image.open(out / "sr" / "dps" / name.replace(".json", ".png")).load()
+    (photos / "b.jpg").write_bytes(whole)
+    assert evaluation.main(argv) == 0
+    assert table(out)["sr/dps"]["psnr"]["n"] == 4
+    assert all((out / "sr" / "dps" / n).stat().st_mtime_ns == t for n, t in kept.items())
+
+
 def test_batches_restore_every_image(setup, tmp_path):
     out = tmp_path / "batch"
     assert evaluation.main(run_argv(setup, out, "--methods", "dps", "--batch", "2",
