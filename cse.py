@@ -307,7 +307,8 @@ class ControlledUNet(nn.Module):
         self.unet, self.controlnet, self.hint, self.scale = unet, controlnet, hint, scale
 
     def forward(self, x, t, context):
-        hint = self.hint.expand(x.shape[0], -1, -1, -1)  # (B, 3, 8h, 8w), one y for the batch
+        # (B, 3, 8h, 8w), one y for the batch, in the network's dtype as x (SDDenoiser casts x)
+        hint = self.hint.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         residuals = self.controlnet(x, t, context, hint, self.scale)
         return self.unet(x, t, context, residuals)
 
@@ -761,7 +762,7 @@ def generate(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     for i in tqdm(todo, desc="generate", unit="image", disable=rank != 0):
         g = torch.Generator(device).manual_seed(args.seed + i)
-        noise = dmap.noise_like(torch.empty(latent, device=device, dtype=dtype), g)
+        noise = dmap.noise_like(torch.empty(latent, device=device), g)  # float32 latents
         z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
         with torch.no_grad():
             image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))

@@ -386,6 +386,8 @@ class SDDenoiser:
 
     The UNet sees x / sqrt(sigma^2 + 1) (diffusers' scale_model_input) at the fractional timestep
     of sigma, with the text context `context` (1, 77, 1024) shared by the whole batch.
+    Mixed precision: the UNet runs in the dtype of its context (--dtype); x, sigma and x0_hat stay
+    in x's dtype (float32), so the guidance arithmetic never rounds to bfloat16.
     """
 
     def __init__(self, unet, context: torch.Tensor, abar: torch.Tensor, prediction: str = "eps"):
@@ -396,7 +398,8 @@ class SDDenoiser:
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)
         t = torch.full((x.shape[0],), sigma_to_t(sigma, self.table), device=x.device)
-        out = self.unet(x / math.sqrt(sigma**2 + 1), t, self.context.expand(x.shape[0], -1, -1))
+        x_in = (x / math.sqrt(sigma**2 + 1)).to(self.context.dtype)
+        out = self.unet(x_in, t, self.context.expand(x.shape[0], -1, -1)).to(x.dtype)
         if self.prediction == "eps":
             return x - sigma * out  # Tweedie, Eq. 4: x0_hat = x - sigma * eps_hat
         # v-prediction (768-v model): x0 = sqrt(abar) x_vp - sqrt(1 - abar) v, in sigma space
@@ -420,12 +423,15 @@ class Pipeline(NamedTuple):
     prediction: str  # "eps" (512-base) or "v" (768-v)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent -> image in about [-1, 1] (the VAE sees z / 0.18215)."""
-        return self.vae.decode(z / vae.SCALING_FACTOR)
+        """Latent -> image in about [-1, 1] (the VAE sees z / 0.18215), in z's dtype; the VAE
+        runs in its own (mixed precision, as SDDenoiser)."""
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode((z / vae.SCALING_FACTOR).to(dtype)).to(z.dtype)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image -> latent: the posterior mean, scaled (official PSLD samples from it)."""
-        return self.vae.encode(image)[0] * vae.SCALING_FACTOR
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(image.to(dtype))[0].to(image.dtype) * vae.SCALING_FACTOR
 
 
 def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> Pipeline:
@@ -621,7 +627,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="model and latent dtype (default: %(default)s, as the official code)")
+                   help="network dtype; latents, sigmas and the guidance step stay float32 "
+                   "(default: %(default)s, as the official code)")
     return p.parse_args(argv)
 
 
@@ -807,13 +814,13 @@ def restore(args) -> tuple[dict, dict]:
             not hasattr(op, "adjoint"):
         raise ValueError(f"{args.method} needs a linear operator with an adjoint; {args.op} "
                          "has none")
-    op = op.to(device, dtype)
+    op = op.to(device)  # images, measurements and latents in float32; networks in dtype
     generator = torch.Generator(device).manual_seed(args.seed)
     if args.observed:
         y_size = args.size // op_args["factor"] if args.op == "sr" else args.size
-        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device, dtype)
+        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device)
     else:
-        x_ref = read_image(args.image, args.size, not args.no_crop).to(device, dtype)
+        x_ref = read_image(args.image, args.size, not args.no_crop).to(device)
         y = op.measure(x_ref, args.sigma_y, generator)
     paths = output_paths(args)
     check_outputs(args, paths)

@@ -14,6 +14,7 @@ command line.
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -287,33 +288,48 @@ def method_args(args, method: str, op: str, image: str, seed: int):
 
 
 class PeakMemory:
-    """Peak memory in MB over a with-block: torch.cuda.max_memory_allocated on a GPU; on the CPU
-    the resident set size (/proc/self/statm) polled every 5 ms by a thread (None without it)."""
+    """Peak memory in MB over a with-block (`mb`), and its rise over what was in use at the start
+    (`above`): torch.cuda.max_memory_allocated on a GPU; on the CPU the resident set size
+    (/proc/self/statm) polled every 5 ms by a thread, after glibc has handed freed pages back
+    (malloc_trim), so the start is what is in use (both None without /proc)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.mb, self.stop = device, None, threading.Event()
+        self.device, self.mb, self.above, self.stop = device, None, None, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def poll(self):
-        page = os.sysconf("SC_PAGE_SIZE")
         while not self.stop.wait(0.005):
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            self.peak = max(self.peak, self.rss())
 
     def __enter__(self):
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
         elif os.path.exists("/proc/self/statm"):
-            self.peak, self.thread = 0, threading.Thread(target=self.poll, daemon=True)
+            try:
+                ctypes.CDLL(None).malloc_trim(0)
+            except (OSError, AttributeError):  # not glibc: the start may include freed pages
+                pass
+            self.start = self.peak = self.rss()
+            self.thread = threading.Thread(target=self.poll, daemon=True)
             self.thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
         elif hasattr(self, "thread"):
             self.stop.set()
             self.thread.join()
-            self.mb = self.peak / 2**20
+            self.peak = max(self.peak, self.rss())
+        if hasattr(self, "start"):
+            self.mb, self.above = self.peak / 2**20, (self.peak - self.start) / 2**20
 
 
 def image_list(args) -> tuple[list, list]:
@@ -367,7 +383,7 @@ class Run:
     operator or size is refused before anything is restored)."""
 
     def __init__(self, args, device, dtype, cse_ops):
-        self.args, self.device, self.dtype = args, device, dtype
+        self.args, self.device = args, device
         self.scorer = Scorer(args.metrics.split(","), args.metric_weights, device)
         self.controlnets = {op: cse.load_cse(args.cse, op, args.size, device, dtype)[0]
                             for op in cse_ops}
@@ -406,9 +422,9 @@ class Run:
         a = method_args(self.args, method, op_name, path, seed)
         steps, kwargs = dmap.settings(a)
         op, op_args = dmap.build_operator(a)
-        op = op.to(self.device, self.dtype)
+        op = op.to(self.device)  # data in float32, networks in --dtype (dmap.SDDenoiser)
         refs = [self.reference(s, p) for _, s, p in batch]
-        x_ref = torch.cat([x for _, x in refs]).to(self.device, self.dtype)
+        x_ref = torch.cat([x for _, x in refs]).to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
         y = op.measure(x_ref, self.args.sigma_y, generator)
         denoiser = self.denoiser(method, op_name, op, y)
@@ -694,9 +710,9 @@ def observe(args) -> str:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    op = dmap.build_operator(a)[0].to(device, dtype)
+    op = dmap.build_operator(a)[0].to(device)  # data in float32, networks in --dtype
     generator = torch.Generator(device).manual_seed(args.seed)
-    y = op.measure(dmap.read_image(args.image, args.size).to(device, dtype), 0.0, generator)
+    y = op.measure(dmap.read_image(args.image, args.size).to(device), 0.0, generator)
     sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
     unconditional = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
     reference = dmap.load_denoiser(a, sd, op, y, device, dtype)[0]  # the CSE
@@ -719,8 +735,7 @@ def observe(args) -> str:
 
     def noise(n, seed):
         g = torch.Generator(device).manual_seed(seed)
-        return sigmas[0].item() * dmap.noise_like(torch.empty((n, *latent), device=device,
-                                                              dtype=dtype), g)
+        return sigmas[0].item() * dmap.noise_like(torch.empty((n, *latent), device=device), g)
 
     done = {}
     for name in ("observation_1", "observation_2"):
@@ -817,6 +832,11 @@ def parse_args(argv=None):
                             formatter_class=fmt)
     o = commands.add_parser("observe", help="the three observations of Sec. 3",
                             formatter_class=fmt)
+    import speed  # here, not at the top: speed.py builds on this module
+
+    speed.add_arguments(commands.add_parser(
+        "speed", help="seconds, memory and FLOP per sampling step, against the bare network "
+        "calls and diffusers' models", formatter_class=fmt))
     s.add_argument("--ref", required=True, help="folder of reference images")
     s.add_argument("--pred", required=True, help="folder of restorations, named as the "
                    "references (any image suffix)")
@@ -860,7 +880,7 @@ def parse_args(argv=None):
         q.add_argument("--size", type=int, default=512, help="image size in pixels")
         q.add_argument("--seed", type=int, default=0, help="random seed (run: + image index)")
         q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                       help="model and latent dtype")
+                       help="network dtype; latents and guidance stay float32")
     r.add_argument("--cse", help="a trained CSE, for the methods cse and NAME+cse")
     o.add_argument("--cse", required=True, help="a trained CSE: the reference conditional "
                    "score")
@@ -890,6 +910,10 @@ def main(argv=None) -> int:
             done = f"scored {report['n']} pairs"
         elif args.command == "run":
             done = run(args)
+        elif args.command == "speed":
+            import speed
+
+            done = speed.speed(args)
         else:
             done = observe(args)
     except ValueError as e:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from checkpoint import find_weights, load_state, read_config
@@ -140,8 +141,13 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
         self.attentions = nn.ModuleList([Attention(c, groups)])
 
+    def layers(self) -> list[nn.Module]:
+        return [self.resnets[0], self.attentions[0], self.resnets[1]]
+
     def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class DownBlock(nn.Module):
@@ -168,10 +174,8 @@ class UpBlock(nn.Module):
             ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(layers))
         self.upsamplers = nn.ModuleList([Upsample(cout)] if up else [])
 
-    def forward(self, x):
-        for layer in [*self.resnets, *self.upsamplers]:
-            x = layer(x)
-        return x
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *self.upsamplers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +219,18 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.channels, 3, padding=1)
 
+        # Memory of a guided step (DPS, DMAP): with gradient_checkpointing on, only each layer's
+        # input is kept for the backward pass and the layer is recomputed there. At 512 px a
+        # top-level resnet stores ~7 maps of 128 MB, the largest share of a DPS step's memory.
+        self.gradient_checkpointing = False
+
     def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        x = self.conv_in(z)
+        for layer in [*self.mid_block.layers(), *(l for b in self.up_blocks for l in b.layers())]:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
@@ -238,12 +250,18 @@ class VAE(nn.Module):
 
         z is unscaled; a sample is mean + exp(logvar / 2) * noise (DiagonalGaussianDistribution).
         """
+        x = x.contiguous(memory_format=torch.channels_last)  # see decode
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)  # as DiagonalGaussianDistribution
+        # logvar clamped as DiagonalGaussianDistribution; both returned in the plain layout
+        return mean.contiguous(), logvar.clamp(-30.0, 20.0).contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent z (B, 4, h, w) (caller divides by SCALING_FACTOR) -> image, ~[-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        """Unscaled latent z (B, 4, h, w) (caller divides by SCALING_FACTOR) -> image, ~[-1, 1].
+
+        The convolutions run on channels-last maps (oneDNN's native layout on CPU, cuDNN's for
+        bf16 on GPU; 10-25% faster on CPU, benchmarks in README); the image comes back plain."""
+        z = z.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.post_quant_conv(z)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +288,8 @@ def load_vae(folder: str, device=None, dtype=None) -> VAE:
     path = find_weights(folder, "diffusion_pytorch_model")
     with torch.device("meta"):
         model = VAE(cfg)
-    return load_state(model, path, diffusers_vae_key, device, dtype)
+    return load_state(model, path, diffusers_vae_key, device, dtype).to(
+        memory_format=torch.channels_last)  # weights in the layout decode uses
 
 
 # LDM module names -> diffusers, whole dotted names with level/resnet numbers as {}, applied in
@@ -313,4 +332,5 @@ def vae_from_single_file(path: str, config: VAEConfig = SD2_VAE, device=None, dt
     with torch.device("meta"):
         model = VAE(config)
     levels = len(config.block_out_channels)
-    return load_state(model, path, lambda key: ldm_vae_key(key, levels), device, dtype)
+    return load_state(model, path, lambda key: ldm_vae_key(key, levels), device, dtype).to(
+        memory_format=torch.channels_last)  # weights in the layout decode uses

@@ -1,0 +1,504 @@
+"""The speed benchmark: seconds, memory and FLOP of one sampling step of each method on SD 2.0,
+against the bare network calls the step makes and against diffusers' models on the same weights.
+
+    python eval.py speed --random-weights --size 512 --methods dps,dmap-same,dmap --steps 3
+
+Random full-size weights cost exactly what the real ones cost, so nothing needs a download;
+--model PATH times the weights you have. Reading order: (1) the machine: its name, flags and
+measured matmul rate; (2) the networks: ours, and diffusers' twins with the same weights;
+(3) counting and timing network calls; (4) one method's steps; (5) the table and the command.
+
+What is measured, per method and batch size B (README.md, "Speed"):
+- s/step: the median over --steps steps after one warm-up step. A step begins at the first
+  denoiser call at a new sigma (DPS-like samplers call the denoiser at sigma_i, DMAP at
+  sigma_{i+1}), so the sampler runs as it does for users: no callback, no host sync.
+- calls: denoiser and decoder (and encoder) calls per step, with a gradient ("grad") or without.
+- FLOP: per call kind, counted once by torch.utils.flop_counter on the meta device (no
+  arithmetic), times the calls; TFLOP/s = FLOP / (s/step).
+- floor: the same calls timed bare (the networks alone, with the same autograd), summed; the
+  sampler's overhead is s/step / floor - 1.
+- memory: the peak during the run above what was in use before it (the weights), eval.PeakMemory.
+- diffusers: when it is importable, the bare calls through diffusers' UNet2DConditionModel and
+  AutoencoderKL holding our weights, in the same run, as ratios ours / diffusers', and one DPS
+  run built from them (its s/step and memory) as the reference row.
+"""
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dmap
+import eval as evaluation
+import unet as unet_model
+import vae as vae_model
+
+# ---------------------------------------------------------------------------------------------
+# (1) The machine
+# ---------------------------------------------------------------------------------------------
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides bf16 speed
+
+
+def machine(device: torch.device) -> dict:
+    """The processor's name, the flags that decide its bf16 speed, and the thread count."""
+    if device.type == "cuda":
+        return dict(name=torch.cuda.get_device_name(device), flags=[], native_bf16=True,
+                    threads=torch.get_num_threads())
+    name, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    have = [f for f in CPU_FLAGS if f in flags]
+    return dict(name=name, flags=have, threads=torch.get_num_threads(),
+                native_bf16=bool({"avx512_bf16", "amx_bf16"} & flags))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The median wall time of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of one large square matmul in `dtype`: what this device can do at best."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, 5) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) The networks: ours, and diffusers' with the same weights
+# ---------------------------------------------------------------------------------------------
+
+
+def our_networks(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """unet, vae, context (1, 77, C) and abar: the --model's, or full-size SD 2.0 networks with
+    seeded random weights (the same cost: the arithmetic does not look at the values)."""
+    if args.model:
+        sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
+        return dict(unet=sd.unet, vae=sd.vae, context=dmap.encode_prompt(sd, ""), abar=sd.abar,
+                    prediction=sd.prediction, channels=sd.unet.cfg.in_channels)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        unet = unet_model.UNet(unet_model.SD2_UNET).to(dtype)
+        vae = vae_model.VAE(vae_model.SD2_VAE).to(dtype, memory_format=torch.channels_last)
+        context = torch.randn(1, 77, unet.cfg.cross_attention_dim).to(dtype)
+    return dict(unet=unet, vae=vae, context=context, abar=dmap.sd_abar(), prediction="eps",
+                channels=unet.cfg.in_channels)
+
+
+def diffusers_twins(nets: dict) -> dict | None:
+    """diffusers' UNet2DConditionModel and AutoencoderKL built from our configs and holding our
+    weights (the names are diffusers' own), in diffusers' default layout; None without it."""
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+    except ImportError:
+        return None
+    u, v = nets["unet"].cfg, nets["vae"].cfg
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention]
+    unet = UNet2DConditionModel(
+        in_channels=u.in_channels, out_channels=u.out_channels, down_block_types=down,
+        up_block_types=[b.replace("Down", "Up") for b in reversed(down)],
+        block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block,
+        attention_head_dim=list(u.num_heads), cross_attention_dim=u.cross_attention_dim,
+        norm_num_groups=u.norm_num_groups, norm_eps=u.norm_eps, use_linear_projection=True)
+    n = len(v.block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=v.channels, out_channels=v.channels, latent_channels=v.latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
+        norm_num_groups=v.norm_num_groups)
+    param = next(nets["unet"].parameters())
+    for theirs, ours in ((unet, nets["unet"]), (vae, nets["vae"])):
+        theirs.load_state_dict(ours.state_dict())
+        theirs.eval().requires_grad_(False)
+        if (param.device.type, param.dtype) != ("cpu", torch.float32):
+            theirs.to(param.device, param.dtype)
+    return dict(nets, unet=unet, vae=vae)
+
+
+def unet_call(nets: dict):
+    """(x, t, context) -> eps_hat through our UNet or a diffusers twin."""
+    if isinstance(nets["unet"], unet_model.UNet):
+        return nets["unet"]
+    return lambda x, t, c: nets["unet"](x, t, encoder_hidden_states=c).sample
+
+
+def decode_call(nets: dict):
+    """Scaled latent -> image in the latent's dtype (dmap.Pipeline.decode's mixed precision)."""
+    vae, dtype = nets["vae"], next(nets["vae"].parameters()).dtype
+    if isinstance(vae, vae_model.VAE):
+        return lambda z: vae.decode((z / vae_model.SCALING_FACTOR).to(dtype)).to(z.dtype)
+    return lambda z: vae.decode((z / vae_model.SCALING_FACTOR).to(dtype)).sample.to(z.dtype)
+
+
+def encode_call(nets: dict):
+    """Image -> scaled latent (the posterior mean), as dmap.Pipeline.encode (PSLD, ReSample)."""
+    vae, dtype = nets["vae"], next(nets["vae"].parameters()).dtype
+    if isinstance(vae, vae_model.VAE):
+        return lambda x: vae.encode(x.to(dtype))[0].to(x.dtype) * vae_model.SCALING_FACTOR
+    return lambda x: vae.encode(x.to(dtype)).latent_dist.mean.to(x.dtype) * \
+        vae_model.SCALING_FACTOR
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) Counting and timing network calls
+# ---------------------------------------------------------------------------------------------
+
+KINDS = ("denoiser", "decoder", "encoder")
+
+
+class Enough(Exception):
+    """Raised by a Recorder when it has marked the start of the step after the last measured."""
+
+
+class Recorder:
+    """Wraps the denoiser, the decoder and the encoder of a run: counts their calls with and
+    without a gradient, and marks the time (a CUDA event: no host sync) where a step begins,
+    at the first denoiser call at a new sigma; the `marks`-th mark ends the run (Enough)."""
+
+    def __init__(self, device: torch.device, marks: int):
+        self.device, self.sigma, self.marks, self.stop = device, None, [], marks
+        self.calls = {(kind, grad): 0 for kind in KINDS for grad in (False, True)}
+
+    def mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event, dict(self.calls)
+        return time.perf_counter(), dict(self.calls)
+
+    def wrap(self, kind: str, fn):
+        def counted(x, *rest):
+            if kind == "denoiser" and rest[0] != self.sigma:
+                self.sigma = rest[0]
+                self.marks.append(self.mark())
+                if len(self.marks) == self.stop:
+                    raise Enough
+            self.calls[kind, torch.is_grad_enabled() and x.requires_grad] += 1
+            return fn(x, *rest)
+        return counted
+
+    def steps(self, last: int) -> tuple[list[float], dict]:
+        """The last `last` steps' durations (s) and their mean calls per step."""
+        marks = self.marks[-last - 1:]
+        if self.device.type == "cuda":
+            sync(self.device)
+            seconds = [a[0].elapsed_time(b[0]) / 1e3 for a, b in zip(marks[:-1], marks[1:],
+                                                                      strict=True)]
+        else:
+            seconds = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:], strict=True)]
+        calls = {k: (marks[-1][1][k] - marks[0][1][k]) / last for k in self.calls}
+        return seconds, {f"{k[0]} {'grad' if k[1] else 'fwd'}": c for k, c in calls.items() if c}
+
+
+def bare_call(nets: dict, kind: str, grad: bool, batch: int, size: int):
+    """One network call of `kind` on fresh inputs, with the backward to its input when `grad`
+    (as a guided step computes it: the gradient w.r.t. x only), as a no-argument function."""
+    p = next(nets["unet"].parameters())
+    latent = (batch, nets["channels"], size // 8, size // 8)
+    if kind == "encoder":
+        x, fn = torch.randn(batch, 3, size, size, device=p.device), encode_call(nets)
+    else:
+        x = torch.randn(latent, device=p.device)
+        fn = decode_call(nets) if kind == "decoder" else dmap.SDDenoiser(
+            unet_call(nets), nets["context"], nets["abar"], nets["prediction"])
+    args = () if kind != "denoiser" else (1.0,)
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            xg = x.detach().requires_grad_(grad)
+            out = fn(xg, *args)
+            if grad:
+                torch.autograd.grad(out, xg, torch.ones_like(out))
+    return call
+
+
+def call_flops(nets: dict, batch: int, size: int) -> dict:
+    """FLOP of each call kind (torch.utils.flop_counter: matmuls, convolutions, attention),
+    counted on meta-device copies of the networks: no arithmetic is done."""
+    with torch.device("meta"):
+        meta = dict(nets, unet=unet_model.UNet(nets["unet"].cfg).requires_grad_(False),
+                    vae=vae_model.VAE(nets["vae"].cfg).requires_grad_(False),
+                    context=torch.zeros(nets["context"].shape))
+    flops = {}
+    for kind in KINDS:
+        for grad in (False, True):
+            with FlopCounterMode(display=False) as counter:
+                bare_call(meta, kind, grad, batch, size)()
+            flops[f"{kind} {'grad' if grad else 'fwd'}"] = counter.get_total_flops()
+    return flops
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) One method's steps
+# ---------------------------------------------------------------------------------------------
+
+
+def method_settings(method: str, op: str, size: int):
+    """(sampler, steps per image, keyword arguments, operator) of an eval.py method name, from
+    dmap.py's own flags and defaults (zeta per method and operator, DMAP budgets)."""
+    sampler, budget = evaluation.METHODS[method]
+    argv = ["benchmark.png", "--method", sampler, "--op", op, "--size", str(size)]
+    args = dmap.parse_args(argv + (["--dmap-setting", budget] if budget else []))
+    steps, kwargs = dmap.settings(args)
+    return sampler, steps, kwargs, dmap.build_operator(args)[0]
+
+
+def run_steps(nets: dict, method: str, op_name: str, x_ref, steps: int, batch: int) -> dict:
+    """One warm-up step and `steps` measured ones of `method` at the start of its full schedule
+    (FreeDOM's window and ReSample's optimisations come later: these are their plain steps), on
+    a batch of `batch` copies of the measurement of x_ref."""
+    device = x_ref.device
+    sampler, per_image, kwargs, op = method_settings(method, op_name, x_ref.shape[-1])
+    op = op.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    y = op.measure(x_ref.expand(batch, -1, -1, -1), 0.0, generator)
+    # marks: the warm-up step's start and end, then one per measured step; DMAP's first mark is
+    # its call before the loop, at sigma_0 (its steps call the denoiser at sigma_{i+1})
+    record = Recorder(device, marks=steps + 2 + (sampler == "dmap"))
+    denoiser = record.wrap("denoiser", dmap.SDDenoiser(unet_call(nets), nets["context"],
+                                                        nets["abar"], nets["prediction"]))
+    decode = record.wrap("decoder", decode_call(nets))
+    encode = record.wrap("encoder", encode_call(nets))
+    parts = dmap.model_parts(sampler, H=op, adjoint=getattr(op, "adjoint", None), decode=decode,
+                             encode=encode)
+    sigmas = dmap.sd_sigmas(per_image, nets["abar"]).to(device)
+    if len(sigmas) < steps + 3:
+        raise ValueError(f"{method} runs {per_image} steps; --steps must be below {per_image - 1}")
+    latent = (batch, nets["channels"], x_ref.shape[-1] // 8, x_ref.shape[-1] // 8)
+    x = sigmas[0].item() * dmap.noise_like(torch.empty(latent, device=device), generator)
+    with evaluation.PeakMemory(device) as memory:
+        try:
+            dmap.SAMPLERS[sampler](denoiser, x, y, lambda z: op(decode(z)), sigmas,
+                                   generator=generator, **parts, **kwargs)
+        except Enough:
+            pass
+    seconds, calls = record.steps(steps)
+    return dict(method=method, batch=batch, steps_per_image=per_image,
+                s_per_step=statistics.median(seconds), step_seconds=seconds, calls=calls,
+                peak_mb=memory.above)
+
+
+def gradient_cosines(nets32: dict, nets: dict, x_ref, sigmas=(14.0, 1.0, 0.1)) -> dict:
+    """The cosine between the DPS guidance gradient with `nets` (reduced precision) and with
+    the float32 ones, at each sigma, for x = encode(x_ref) + sigma * noise (SR x8)."""
+    op = method_settings("dps", "sr", x_ref.shape[-1])[3].to(x_ref.device)
+    y = op.measure(x_ref, 0.0, None)
+    with torch.no_grad():
+        z = encode_call(nets32)(x_ref)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z.device)
+    cosines = {}
+    for sigma in sigmas:
+        grads = []
+        for n in (nets32, nets):
+            denoiser = dmap.SDDenoiser(unet_call(n), n["context"], n["abar"], n["prediction"])
+            decode = decode_call(n)
+            grads.append(dmap.measurement_grad(denoiser, z + sigma * noise, sigma, y,
+                                               lambda v, d=decode: op(d(v)))[2].flatten())
+        cosines[sigma] = torch.nn.functional.cosine_similarity(*grads, dim=0).item()
+    return cosines
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The benchmark, its table and the command
+# ---------------------------------------------------------------------------------------------
+
+
+def set_checkpointing(nets: dict, which: str) -> None:
+    """Recompute activations in the backward pass: none, the VAE decoder's, or also the UNet's."""
+    nets["vae"].decoder.gradient_checkpointing = which in ("vae", "all")
+    nets["unet"].gradient_checkpointing = which == "all"
+
+
+def reference_image(path: str | None, size: int, device) -> torch.Tensor:
+    """The measured image (1, 3, size, size) in [-1, 1]: --image, or a smooth seeded pattern
+    (the step costs the same whatever the pixels are)."""
+    if path:
+        return dmap.read_image(path, size).to(device)
+    coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").to(device)
+
+
+def benchmark(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    methods = evaluation.parse_methods(args.methods, has_cse=False)
+    if any(m == "cse" or m.endswith("+cse") for m in methods):
+        raise ValueError("the benchmark times the samplers on SD 2.0 itself; drop the CSE methods")
+    report = dict(machine=machine(device), size=args.size, dtype=args.dtype, steps=args.steps,
+                  torch=torch.__version__, random_weights=args.model is None)
+    if device.type == "cpu" and dtype != torch.float32 and not report["machine"]["native_bf16"]:
+        report["warning"] = (f"{report['machine']['name']} has no native bf16 (no avx512_bf16 "
+                             "or amx in /proc/cpuinfo): reduced precision is emulated and slow")
+    report["matmul_tflops"] = matmul_rate(device, dtype)
+    nets = our_networks(args, device, dtype)
+    x_ref = reference_image(args.image, args.size, device)
+    if dtype != torch.float32:
+        nets32 = dict(nets, unet=copy.deepcopy(nets["unet"]).float(),
+                      vae=copy.deepcopy(nets["vae"]).float(), context=nets["context"].float())
+        report["grad_cosine_vs_float32"] = gradient_cosines(nets32, nets, x_ref)
+        del nets32
+    twins = diffusers_twins(nets) if not args.no_diffusers else None
+    flops = {b: call_flops(nets, b, args.size) for b in args.batch}
+    report["call_flop"] = flops[1] if 1 in flops else flops[args.batch[0]]
+    rows, bare = [], {}
+    for checkpointing in args.checkpointing:
+        set_checkpointing(nets, checkpointing)
+        for batch in args.batch:
+            for method in methods:
+                row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
+                for kind in row["calls"]:
+                    if (checkpointing, batch, kind) not in bare:
+                        name, mode = kind.split()
+                        call = bare_call(nets, name, mode == "grad", batch, args.size)
+                        bare[checkpointing, batch, kind] = median_seconds(call, device, args.steps)
+                floor = sum(n * bare[checkpointing, batch, k] for k, n in row["calls"].items())
+                flop = sum(n * flops[batch][k] for k, n in row["calls"].items())
+                row.update(checkpointing=checkpointing, floor_s=floor,
+                           overhead=row["s_per_step"] / floor - 1, flop=flop,
+                           tflops=flop / row["s_per_step"] / 1e12,
+                           s_per_image=row["s_per_step"] * row["steps_per_image"] / batch,
+                           images_per_s=batch / (row["s_per_step"] * row["steps_per_image"]))
+                rows.append(row)
+                progress(row)
+    set_checkpointing(nets, "none")
+    if twins is not None:
+        report["diffusers"] = compare_with_diffusers(nets, twins, args, x_ref)
+    report["rows"] = rows
+    return report
+
+
+def compare_with_diffusers(nets: dict, twins: dict, args, x_ref) -> dict:
+    """Bare UNet and decoder calls, ours / diffusers' (alternating, same weights), and one DPS
+    run built from diffusers' models, the reference of the memory target."""
+    device, ratios = x_ref.device, {}
+    for kind in ("denoiser", "decoder"):
+        for grad in (False, True):
+            times = [median_seconds(bare_call(n, kind, grad, 1, args.size), device, args.steps)
+                     for n in (nets, twins)]
+            ratios[f"{kind} {'grad' if grad else 'fwd'}"] = dict(
+                ours_s=times[0], diffusers_s=times[1], ratio=times[0] / times[1])
+    row = run_steps(twins, "dps", args.op, x_ref, args.steps, 1)
+    progress(dict(row, method="dps (diffusers' models)"))
+    return dict(calls=ratios, dps=row)
+
+
+def progress(row: dict) -> None:
+    print(f"  {row['method']} (batch {row['batch']}): {row['s_per_step']:.3g} s/step, "
+          f"{row['peak_mb'] or 0:.0f} MB", file=sys.stderr, flush=True)
+
+
+def table_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{m['name']} ({', '.join(m['flags']) or 'no avx2/avx512/amx'}; {m['threads']} "
+             f"threads), torch {report['torch']}, {report['dtype']}, {report['size']} px, "
+             f"median of {report['steps']} steps; matmul {report['matmul_tflops']:.3g} TFLOP/s",
+             ""]
+    if "warning" in report:
+        lines += [f"warning: {report['warning']}", ""]
+    lines += ["| method | ckpt | B | s/step | floor s | overhead | TFLOP/step | TFLOP/s | "
+              "peak MB | s/image | images/s | calls/step |", "|" + "---|" * 12]
+    for r in report["rows"]:
+        calls = ", ".join(f"{v:g} {k}" for k, v in r["calls"].items())
+        lines.append(f"| {r['method']} | {r['checkpointing']} | {r['batch']} | "
+                     f"{r['s_per_step']:.3g} | {r['floor_s']:.3g} | {100 * r['overhead']:+.1f}% | "
+                     f"{r['flop'] / 1e12:.3g} | {r['tflops']:.3g} | {r['peak_mb'] or 0:.0f} | "
+                     f"{r['s_per_image']:.4g} | {r['images_per_s']:.3g} | {calls} |")
+    if "diffusers" in report:
+        d = report["diffusers"]
+        lines += ["", "| bare call | ours s | diffusers s | ours / diffusers |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['ours_s']:.3g} | {v['diffusers_s']:.3g} | {v['ratio']:.3f} |"
+                  for k, v in d["calls"].items()]
+        ours = next((r for r in report["rows"] if r["method"] == "dps" and r["batch"] == 1
+                     and r["checkpointing"] == "none"), None)
+        lines += ["", f"DPS step built from diffusers' models: {d['dps']['s_per_step']:.3g} s/step,"
+                  f" peak {d['dps']['peak_mb'] or 0:.0f} MB above the weights"
+                  + (f" (ours: {ours['s_per_step'] / d['dps']['s_per_step']:.3f}x the time, "
+                     f"{(ours['peak_mb'] or 0) / (d['dps']['peak_mb'] or math.inf):.3f}x the "
+                     "memory)" if ours else "")]
+    if "grad_cosine_vs_float32" in report:
+        cos = ", ".join(f"sigma {s:g}: {c:.5f}" for s, c in
+                        report["grad_cosine_vs_float32"].items())
+        lines += ["", f"DPS gradient cosine, {report['dtype']} vs float32: {cos}"]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's flags (eval.py speed)."""
+    p.add_argument("--model", help="an SD 2.0 folder or single file to time (default: full-size "
+                   "SD 2.0 networks with random weights, the same cost)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="full-size random weights (the default without --model)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="for a single-file --model")
+    p.add_argument("--size", type=int, default=512, help="image size in pixels")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="network dtype; latents, sigmas and the guidance step stay float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    methods = ", ".join(m for m in evaluation.METHODS if m != "cse")
+    p.add_argument("--methods", default="dps,dmap-same,dmap", help=f"comma list of {methods}")
+    p.add_argument("--op", default="sr", choices=["sr", "blur", "inpaint"],
+                   help="the measurement operator (its own cost is small)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per method, after one "
+                   "warm-up step")
+    p.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="batch sizes (images restored at once), e.g. 1 2 4")
+    p.add_argument("--checkpointing", nargs="+", default=["none"], choices=["none", "vae", "all"],
+                   help="activation checkpointing: none, the VAE decoder's, or also the UNet's "
+                   "(several: one row each)")
+    p.add_argument("--image", help="the image to measure (default: a smooth seeded pattern)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite --json")
+
+
+def check(args) -> None:
+    if args.model and args.random_weights:
+        raise ValueError("pass --model PATH or --random-weights, not both")
+    if args.size < 8 or args.size % 8:
+        raise ValueError(f"--size must be a multiple of 8, got {args.size}")
+    if args.steps < 1 or min(args.batch) < 1:
+        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps}, {args.batch}")
+    if args.json and os.path.exists(args.json) and not args.force:
+        raise ValueError(f"{args.json} exists; pass --force to overwrite it")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {args.device} is not usable here "
+                         f"({str(e).splitlines()[0]}); try --device cpu") from None
+
+
+def speed(args) -> str:
+    """eval.py speed: the benchmark, its table on stdout, --json; -> the closing line."""
+    check(args)
+    report = benchmark(args)
+    print(table_markdown(report))
+    if args.json:
+        evaluation.write_json(args.json, report)
+    return f"benchmarked {len(report['rows'])} rows"
