@@ -480,6 +480,17 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                     folder_prediction)
 
 
+CHECKPOINTING = ("none", "vae", "all")
+
+
+def set_checkpointing(unet_net: nn.Module, vae_net: nn.Module, which: str) -> None:
+    """Activation checkpointing for guided steps: `none`; `vae`, the decoder's layers are
+    recomputed in the backward pass instead of stored (most of a DPS step's memory at 512 px);
+    `all`, the UNet's blocks too. Costs about one more forward of what it covers."""
+    vae_net.decoder.gradient_checkpointing = which in ("vae", "all")
+    unet_net.gradient_checkpointing = which == "all"
+
+
 def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
     """The (1, 77, 1024) text context. The paper conditions on the empty prompt (no CFG), whose
     ids need no vocabulary: [bos, eos, pad x 75] (docs/sd2_formats.md §1.5)."""
@@ -515,7 +526,7 @@ OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8),
                   "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
 # Flags that do not change the restoration, left out of the output names.
 NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
-               "kernel_weights", "prompt", "no_crop", "observed", "cse")
+               "kernel_weights", "prompt", "no_crop", "observed", "cse", "checkpointing")
 
 
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
@@ -629,6 +640,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="network dtype; latents, sigmas and the guidance step stay float32 "
                    "(default: %(default)s, as the official code)")
+    p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
+                   help="recompute activations in the backward pass: the VAE decoder's (vae) "
+                   "or also the UNet's (all); less memory, more time (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -826,6 +840,7 @@ def restore(args) -> tuple[dict, dict]:
     check_outputs(args, paths)
 
     sd = load_sd2(args.model, args.prediction, device, dtype)
+    set_checkpointing(sd.unet, sd.vae, args.checkpointing)
     denoiser, cse_record = load_denoiser(args, sd, op, y, device, dtype)
     loaded = time.perf_counter()
     z0 = sample(args, sd, denoiser, op, y, steps, kwargs, generator)
@@ -841,6 +856,7 @@ def restore(args) -> tuple[dict, dict]:
                   sigma_y=None if args.observed else args.sigma_y, seed=args.seed,
                   crop=not args.no_crop, prompt=args.prompt, model=os.path.abspath(args.model),
                   prediction=sd.prediction, device=args.device, dtype=args.dtype,
+                  checkpointing=args.checkpointing,
                   cse=cse_record,
                   seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
                                total=round(time.perf_counter() - start, 1)),

@@ -4,6 +4,7 @@
     python eval.py run --images DIR --op sr --methods dps,dmap --out DIR   # Tables 4 and 10
     torchrun --nproc_per_node=N eval.py run ...            # the same, sharded over N GPUs
     python eval.py observe --image IMG --op sr --cse CKPT --out DIR        # Fig. 1, 3, Table 1-3
+    python eval.py speed --random-weights --methods dps,dmap-same,dmap     # speed.py's benchmark
 
 Reading order: (1) the metric conventions and the per-image scorer; (2) `score`, pairing two
 folders by name; (3) `run`: every image restored by every method with one seed per image, each
@@ -290,7 +291,8 @@ def method_args(args, method: str, op: str, image: str, seed: int):
 class PeakMemory:
     """Peak memory in MB over a with-block (`mb`), and its rise over what was in use at the start
     (`above`): torch.cuda.max_memory_allocated on a GPU; on the CPU the resident set size
-    (/proc/self/statm) polled every 5 ms by a thread, after glibc has handed freed pages back
+    (/proc/self/statm) polled every 20 ms by a thread (rarely enough not to slow the threads
+    doing the work; a network's peak lasts far longer), after glibc has handed freed pages back
     (malloc_trim), so the start is what is in use (both None without /proc)."""
 
     def __init__(self, device: torch.device):
@@ -302,7 +304,7 @@ class PeakMemory:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def poll(self):
-        while not self.stop.wait(0.005):
+        while not self.stop.wait(0.02):
             self.peak = max(self.peak, self.rss())
 
     def __enter__(self):
@@ -388,6 +390,7 @@ class Run:
         self.controlnets = {op: cse.load_cse(args.cse, op, args.size, device, dtype)[0]
                             for op in cse_ops}
         self.sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
+        dmap.set_checkpointing(self.sd.unet, self.sd.vae, args.checkpointing)
         self.context = dmap.encode_prompt(self.sd, "")
 
     def denoiser(self, method: str, op_name: str, op, y):
@@ -857,6 +860,8 @@ def parse_args(argv=None):
     r.add_argument("--batch", type=int, default=1, help="images restored at once (a batch "
                    "shares the seed of its first image)")
     r.add_argument("--grid", type=int, default=4, help="images in the figure of each operator")
+    r.add_argument("--checkpointing", default="none", choices=dmap.CHECKPOINTING,
+                   help="recompute activations in the backward pass (dmap.py --help)")
     o.add_argument("--image", required=True, help="the reference image of the measurement")
     o.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
                    help="operator")

@@ -15,8 +15,9 @@ What is measured, per method and batch size B (README.md, "Speed"):
 - calls: denoiser and decoder (and encoder) calls per step, with a gradient ("grad") or without.
 - FLOP: per call kind, counted once by torch.utils.flop_counter on the meta device (no
   arithmetic), times the calls; TFLOP/s = FLOP / (s/step).
-- floor: the same calls timed bare (the networks alone, with the same autograd), summed; the
-  sampler's overhead is s/step / floor - 1.
+- floor: the same calls timed bare (the networks alone, with the same autograd: a guided
+  call is the denoiser and the decoder in one graph, one backward), summed; the sampler's
+  overhead is s/step / floor - 1.
 - memory: the peak during the run above what was in use before it (the weights), eval.PeakMemory.
 - diffusers: when it is importable, the bare calls through diffusers' UNet2DConditionModel and
   AutoencoderKL holding our weights, in the same run, as ratios ours / diffusers', and one DPS
@@ -71,17 +72,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn, device: torch.device) -> float:
+    """The wall time of one fn() call, the device's queue drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
     """The median wall time of fn() over `repeats` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -219,24 +222,35 @@ class Recorder:
 
 def bare_call(nets: dict, kind: str, grad: bool, batch: int, size: int):
     """One network call of `kind` on fresh inputs, with the backward to its input when `grad`
-    (as a guided step computes it: the gradient w.r.t. x only), as a no-argument function."""
+    (as a guided step computes it: the gradient w.r.t. x only), as a no-argument function.
+    kind "guided" is the denoiser and the decoder on its output in one graph, as A(x0_hat)."""
     p = next(nets["unet"].parameters())
     latent = (batch, nets["channels"], size // 8, size // 8)
+    denoiser = dmap.SDDenoiser(unet_call(nets), nets["context"], nets["abar"], nets["prediction"])
+    x, fn = torch.randn(latent, device=p.device), {
+        "denoiser": lambda x: denoiser(x, 1.0), "decoder": decode_call(nets),
+        "guided": lambda x: decode_call(nets)(denoiser(x, 1.0))}.get(kind)
     if kind == "encoder":
         x, fn = torch.randn(batch, 3, size, size, device=p.device), encode_call(nets)
-    else:
-        x = torch.randn(latent, device=p.device)
-        fn = decode_call(nets) if kind == "decoder" else dmap.SDDenoiser(
-            unet_call(nets), nets["context"], nets["abar"], nets["prediction"])
-    args = () if kind != "denoiser" else (1.0,)
 
     def call():
         with torch.set_grad_enabled(grad):
             xg = x.detach().requires_grad_(grad)
-            out = fn(xg, *args)
+            out = fn(xg)
             if grad:
                 torch.autograd.grad(out, xg, torch.ones_like(out))
     return call
+
+
+def floor_calls(calls: dict) -> dict:
+    """A step's calls as the floor times them: a denoiser call with a gradient and the decoder
+    call on its output are one "guided grad" call (one graph, one backward, as in the step);
+    the others alone."""
+    paired = min(calls.get("denoiser grad", 0), calls.get("decoder grad", 0))
+    parts = dict(calls, **{"guided grad": paired})
+    for kind in ("denoiser grad", "decoder grad"):
+        parts[kind] = calls.get(kind, 0) - paired
+    return {kind: n for kind, n in parts.items() if n}
 
 
 def call_flops(nets: dict, batch: int, size: int) -> dict:
@@ -325,15 +339,25 @@ def gradient_cosines(nets32: dict, nets: dict, x_ref, sigmas=(14.0, 1.0, 0.1)) -
     return cosines
 
 
+def profile(nets: dict, method: str, op: str, x_ref, top: int = 10) -> list[dict]:
+    """Where a step's time goes: torch.profiler over a warm-up and one step of `method`, the
+    `top` operators by their own (self) time, with their share and call count."""
+    device = x_ref.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps(nets, method, op, x_ref, 1, 1)
+    time_of = (lambda e: e.self_device_time_total) if device.type == "cuda" else \
+        (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=time_of, reverse=True)
+    total = sum(time_of(e) for e in events)
+    return [dict(op=e.key, share=time_of(e) / total, calls=e.count) for e in events[:top]]
+
+
 # ---------------------------------------------------------------------------------------------
 # (5) The benchmark, its table and the command
 # ---------------------------------------------------------------------------------------------
-
-
-def set_checkpointing(nets: dict, which: str) -> None:
-    """Recompute activations in the backward pass: none, the VAE decoder's, or also the UNet's."""
-    nets["vae"].decoder.gradient_checkpointing = which in ("vae", "all")
-    nets["unet"].gradient_checkpointing = which == "all"
 
 
 def reference_image(path: str | None, size: int, device) -> torch.Tensor:
@@ -358,26 +382,33 @@ def benchmark(args) -> dict:
     report["matmul_tflops"] = matmul_rate(device, dtype)
     nets = our_networks(args, device, dtype)
     x_ref = reference_image(args.image, args.size, device)
+    nets32 = nets  # float32 networks: the reference of the cosines and of diffusers' DPS row
     if dtype != torch.float32:
         nets32 = dict(nets, unet=copy.deepcopy(nets["unet"]).float(),
                       vae=copy.deepcopy(nets["vae"]).float(), context=nets["context"].float())
         report["grad_cosine_vs_float32"] = gradient_cosines(nets32, nets, x_ref)
-        del nets32
-    twins = diffusers_twins(nets) if not args.no_diffusers else None
     flops = {b: call_flops(nets, b, args.size) for b in args.batch}
     report["call_flop"] = flops[1] if 1 in flops else flops[args.batch[0]]
     rows, bare = [], {}
     for checkpointing in args.checkpointing:
-        set_checkpointing(nets, checkpointing)
+        dmap.set_checkpointing(nets["unet"], nets["vae"], checkpointing)
         for batch in args.batch:
             for method in methods:
-                row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
-                for kind in row["calls"]:
-                    if (checkpointing, batch, kind) not in bare:
-                        name, mode = kind.split()
-                        call = bare_call(nets, name, mode == "grad", batch, args.size)
-                        bare[checkpointing, batch, kind] = median_seconds(call, device, args.steps)
-                floor = sum(n * bare[checkpointing, batch, k] for k, n in row["calls"].items())
+                try:
+                    row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
+                    for kind in floor_calls(row["calls"]):  # the floor: each kind bare, once
+                        if (checkpointing, batch, kind) not in bare:
+                            name, mode = kind.split()
+                            call = bare_call(nets, name, mode == "grad", batch, args.size)
+                            bare[checkpointing, batch, kind] = median_seconds(call, device,
+                                                                              args.steps)
+                except torch.cuda.OutOfMemoryError:  # the largest batch that fits is the one before
+                    torch.cuda.empty_cache()
+                    rows.append(dict(method=method, batch=batch, checkpointing=checkpointing,
+                                     error="out of memory"))
+                    continue
+                floor = sum(n * bare[checkpointing, batch, k]
+                            for k, n in floor_calls(row["calls"]).items())
                 flop = sum(n * flops[batch][k] for k, n in row["calls"].items())
                 row.update(checkpointing=checkpointing, floor_s=floor,
                            overhead=row["s_per_step"] / floor - 1, flop=flop,
@@ -386,24 +417,33 @@ def benchmark(args) -> dict:
                            images_per_s=batch / (row["s_per_step"] * row["steps_per_image"]))
                 rows.append(row)
                 progress(row)
-    set_checkpointing(nets, "none")
-    if twins is not None:
-        report["diffusers"] = compare_with_diffusers(nets, twins, args, x_ref)
+    dmap.set_checkpointing(nets["unet"], nets["vae"], "none")
+    if args.profile:
+        report["profile"] = dict(method=methods[0], ops=profile(nets, methods[0], args.op, x_ref))
+    if not args.no_diffusers:
+        report["diffusers"] = compare_with_diffusers(nets, nets32, args, x_ref)
     report["rows"] = rows
     return report
 
 
-def compare_with_diffusers(nets: dict, twins: dict, args, x_ref) -> dict:
-    """Bare UNet and decoder calls, ours / diffusers' (alternating, same weights), and one DPS
-    run built from diffusers' models, the reference of the memory target."""
+def compare_with_diffusers(nets: dict, nets32: dict, args, x_ref) -> dict | None:
+    """Bare UNet and decoder calls, ours / diffusers' (alternating, same weights, same dtype),
+    and the reference row: DPS with diffusers' models in float32 (None without diffusers)."""
+    twins = diffusers_twins(nets)
+    if twins is None:
+        return None
     device, ratios = x_ref.device, {}
     for kind in ("denoiser", "decoder"):
         for grad in (False, True):
-            times = [median_seconds(bare_call(n, kind, grad, 1, args.size), device, args.steps)
-                     for n in (nets, twins)]
+            calls = [bare_call(n, kind, grad, 1, args.size) for n in (nets, twins)]
+            for call in calls:  # warm-up, then ours and theirs in turn: the same machine noise
+                call()
+            times = [[seconds(call, device) for call in calls] for _ in range(args.steps)]
+            ours, theirs = (statistics.median(t) for t in zip(*times, strict=True))
             ratios[f"{kind} {'grad' if grad else 'fwd'}"] = dict(
-                ours_s=times[0], diffusers_s=times[1], ratio=times[0] / times[1])
-    row = run_steps(twins, "dps", args.op, x_ref, args.steps, 1)
+                ours_s=ours, diffusers_s=theirs, ratio=ours / theirs)
+    del twins
+    row = run_steps(diffusers_twins(nets32), "dps", args.op, x_ref, args.steps, 1)
     progress(dict(row, method="dps (diffusers' models)"))
     return dict(calls=ratios, dps=row)
 
@@ -424,24 +464,34 @@ def table_markdown(report: dict) -> str:
     lines += ["| method | ckpt | B | s/step | floor s | overhead | TFLOP/step | TFLOP/s | "
               "peak MB | s/image | images/s | calls/step |", "|" + "---|" * 12]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['checkpointing']} | {r['batch']} | "
+                         f"{r['error']} |" + " |" * 9)
+            continue
         calls = ", ".join(f"{v:g} {k}" for k, v in r["calls"].items())
         lines.append(f"| {r['method']} | {r['checkpointing']} | {r['batch']} | "
                      f"{r['s_per_step']:.3g} | {r['floor_s']:.3g} | {100 * r['overhead']:+.1f}% | "
                      f"{r['flop'] / 1e12:.3g} | {r['tflops']:.3g} | {r['peak_mb'] or 0:.0f} | "
                      f"{r['s_per_image']:.4g} | {r['images_per_s']:.3g} | {calls} |")
-    if "diffusers" in report:
+    if report.get("diffusers"):
         d = report["diffusers"]
         lines += ["", "| bare call | ours s | diffusers s | ours / diffusers |",
                   "|---|---|---|---|"]
         lines += [f"| {k} | {v['ours_s']:.3g} | {v['diffusers_s']:.3g} | {v['ratio']:.3f} |"
                   for k, v in d["calls"].items()]
         ours = next((r for r in report["rows"] if r["method"] == "dps" and r["batch"] == 1
-                     and r["checkpointing"] == "none"), None)
-        lines += ["", f"DPS step built from diffusers' models: {d['dps']['s_per_step']:.3g} s/step,"
-                  f" peak {d['dps']['peak_mb'] or 0:.0f} MB above the weights"
-                  + (f" (ours: {ours['s_per_step'] / d['dps']['s_per_step']:.3f}x the time, "
+                     and r["checkpointing"] == "none" and "error" not in r), None)
+        lines += ["", f"DPS step built from diffusers' models in float32: "
+                  f"{d['dps']['s_per_step']:.3g} s/step, peak {d['dps']['peak_mb'] or 0:.0f} MB "
+                  "above the weights"
+                  + (f" (ours in {report['dtype']}: "
+                     f"{ours['s_per_step'] / d['dps']['s_per_step']:.3f}x the time, "
                      f"{(ours['peak_mb'] or 0) / (d['dps']['peak_mb'] or math.inf):.3f}x the "
                      "memory)" if ours else "")]
+    if "profile" in report:
+        lines += ["", f"Profile of a {report['profile']['method']} step (self time):",
+                  ", ".join(f"{o['op']} {100 * o['share']:.1f}% ({o['calls']} calls)"
+                            for o in report["profile"]["ops"])]
     if "grad_cosine_vs_float32" in report:
         cos = ", ".join(f"sigma {s:g}: {c:.5f}" for s, c in
                         report["grad_cosine_vs_float32"].items())
@@ -468,12 +518,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "warm-up step")
     p.add_argument("--batch", type=int, nargs="+", default=[1],
                    help="batch sizes (images restored at once), e.g. 1 2 4")
-    p.add_argument("--checkpointing", nargs="+", default=["none"], choices=["none", "vae", "all"],
+    p.add_argument("--checkpointing", nargs="+", default=["none"], choices=dmap.CHECKPOINTING,
                    help="activation checkpointing: none, the VAE decoder's, or also the UNet's "
                    "(several: one row each)")
     p.add_argument("--image", help="the image to measure (default: a smooth seeded pattern)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a step of the first method: the ops that take its time")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --json")
 

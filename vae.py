@@ -224,14 +224,18 @@ class Decoder(nn.Module):
         # top-level resnet stores ~7 maps of 128 MB, the largest share of a DPS step's memory.
         self.gradient_checkpointing = False
 
+    def head(self, x):
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
     def forward(self, z):
         x = self.conv_in(z)
-        for layer in [*self.mid_block.layers(), *(l for b in self.up_blocks for l in b.layers())]:
+        for layer in [*self.mid_block.layers(), *(l for b in self.up_blocks for l in b.layers()),
+                      self.head]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return x
 
 
 class VAE(nn.Module):
