@@ -276,7 +276,7 @@ def test_help_shows_every_default(capsys):
         dmap.parse_args(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     entries = re.split(r"\n  (?=--)", text)[1:]  # one per option, wrapped lines included
-    assert len(entries) == 29
+    assert len(entries) == 30
     for entry in entries:
         flag = entry.split()[0]
         assert "default" in entry or flag in ("--force", "--observed", "--no-crop"), flag
