@@ -103,7 +103,8 @@ def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "0"], "--steps and --batch must be >= 1"),
     (["--random-weights", "--model", "x"], "not both"),
-    (["--methods", "dps,cse"], "needs a trained CSE"),
+    (["--methods", "dps,cse"], "drop the CSE methods"),
+    (["--methods", "dps,nope"], "unknown method nope"),
     (["--size", "60"], "multiple of 8"),
 ])
 def test_benchmark_bad_input(extra, message, capsys):
