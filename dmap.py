@@ -529,6 +529,17 @@ NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "f
                "kernel_weights", "prompt", "no_crop", "observed", "cse", "checkpointing")
 
 
+def usable_device(name: str) -> torch.device:
+    """torch.device(name), checked by allocating on it: a ValueError that says what to do."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
+        raise ValueError(f"--device {name} is not usable here ({str(e).splitlines()[0]}); "
+                         "try --device cpu") from None
+    return device
+
+
 def read_image(path: str, size: int, crop: bool = True) -> torch.Tensor:
     """Any image PIL reads (grayscale, RGBA, 16-bit, at least size x size) -> (1, 3, size, size)
     in [-1, 1]: centre-cropped to a square (unless crop is False), downsized with Lanczos."""
@@ -817,12 +828,7 @@ def restore(args) -> tuple[dict, dict]:
     returns the record and the paths written."""
     start = time.perf_counter()
     steps, kwargs = settings(args)
-    try:
-        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # CPU-only torch asserts on "cuda"
-        raise ValueError(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); "
-                         "try --device cpu") from None
+    device, dtype = usable_device(args.device), getattr(torch, args.dtype)
     op, op_args = build_operator(args)
     if "adjoint" in inspect.signature(SAMPLERS[args.method]).parameters and \
             not hasattr(op, "adjoint"):

@@ -152,19 +152,26 @@ def unet_call(nets: dict):
     return lambda x, t, c: nets["unet"](x, t, encoder_hidden_states=c).sample
 
 
+def pipeline(nets: dict) -> dmap.Pipeline:
+    """Our networks as dmap.Pipeline, for its decode and encode (the samplers' own)."""
+    return dmap.Pipeline(nets["unet"], nets["vae"], None, None, nets["abar"], nets["prediction"])
+
+
 def decode_call(nets: dict):
-    """Scaled latent -> image in the latent's dtype (dmap.Pipeline.decode's mixed precision)."""
+    """Scaled latent -> image in the latent's dtype: dmap.Pipeline.decode, or the same through
+    a diffusers AutoencoderKL."""
     vae, dtype = nets["vae"], next(nets["vae"].parameters()).dtype
     if isinstance(vae, vae_model.VAE):
-        return lambda z: vae.decode((z / vae_model.SCALING_FACTOR).to(dtype)).to(z.dtype)
+        return pipeline(nets).decode
     return lambda z: vae.decode((z / vae_model.SCALING_FACTOR).to(dtype)).sample.to(z.dtype)
 
 
 def encode_call(nets: dict):
-    """Image -> scaled latent (the posterior mean), as dmap.Pipeline.encode (PSLD, ReSample)."""
+    """Image -> scaled latent (the posterior mean; PSLD, ReSample): dmap.Pipeline.encode, or
+    the same through a diffusers AutoencoderKL."""
     vae, dtype = nets["vae"], next(nets["vae"].parameters()).dtype
     if isinstance(vae, vae_model.VAE):
-        return lambda x: vae.encode(x.to(dtype))[0].to(x.dtype) * vae_model.SCALING_FACTOR
+        return pipeline(nets).encode
     return lambda x: vae.encode(x.to(dtype)).latent_dist.mean.to(x.dtype) * \
         vae_model.SCALING_FACTOR
 
@@ -387,36 +394,20 @@ def benchmark(args) -> dict:
         nets32 = dict(nets, unet=copy.deepcopy(nets["unet"]).float(),
                       vae=copy.deepcopy(nets["vae"]).float(), context=nets["context"].float())
         report["grad_cosine_vs_float32"] = gradient_cosines(nets32, nets, x_ref)
-    flops = {b: call_flops(nets, b, args.size) for b in args.batch}
-    report["call_flop"] = flops[1] if 1 in flops else flops[args.batch[0]]
+    report["call_flop"] = call_flops(nets, 1, args.size)  # per image: FLOP are linear in B
     rows, bare = [], {}
     for checkpointing in args.checkpointing:
         dmap.set_checkpointing(nets["unet"], nets["vae"], checkpointing)
         for batch in args.batch:
             for method in methods:
                 try:
-                    row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
-                    for kind in floor_calls(row["calls"]):  # the floor: each kind bare, once
-                        if (checkpointing, batch, kind) not in bare:
-                            name, mode = kind.split()
-                            call = bare_call(nets, name, mode == "grad", batch, args.size)
-                            bare[checkpointing, batch, kind] = median_seconds(call, device,
-                                                                              args.steps)
-                except torch.cuda.OutOfMemoryError:  # the largest batch that fits is the one before
+                    rows.append(measured_row(nets, method, args, x_ref, batch, checkpointing,
+                                             bare, report["call_flop"]))
+                    progress(rows[-1])
+                except torch.cuda.OutOfMemoryError:  # the largest batch that fits: the one before
                     torch.cuda.empty_cache()
                     rows.append(dict(method=method, batch=batch, checkpointing=checkpointing,
                                      error="out of memory"))
-                    continue
-                floor = sum(n * bare[checkpointing, batch, k]
-                            for k, n in floor_calls(row["calls"]).items())
-                flop = sum(n * flops[batch][k] for k, n in row["calls"].items())
-                row.update(checkpointing=checkpointing, floor_s=floor,
-                           overhead=row["s_per_step"] / floor - 1, flop=flop,
-                           tflops=flop / row["s_per_step"] / 1e12,
-                           s_per_image=row["s_per_step"] * row["steps_per_image"] / batch,
-                           images_per_s=batch / (row["s_per_step"] * row["steps_per_image"]))
-                rows.append(row)
-                progress(row)
     dmap.set_checkpointing(nets["unet"], nets["vae"], "none")
     if args.profile:
         report["profile"] = dict(method=methods[0], ops=profile(nets, methods[0], args.op, x_ref))
@@ -424,6 +415,26 @@ def benchmark(args) -> dict:
         report["diffusers"] = compare_with_diffusers(nets, nets32, args, x_ref)
     report["rows"] = rows
     return report
+
+
+def measured_row(nets: dict, method: str, args, x_ref, batch: int, checkpointing: str,
+                 bare: dict, call_flop: dict) -> dict:
+    """run_steps' row with its network floor (each call kind timed bare once per setting and
+    batch, kept in `bare`), overhead, FLOP, TFLOP/s and throughput."""
+    row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
+    parts = floor_calls(row["calls"])
+    for kind in parts:
+        if (checkpointing, batch, kind) not in bare:
+            name, mode = kind.split()
+            call = bare_call(nets, name, mode == "grad", batch, args.size)
+            bare[checkpointing, batch, kind] = median_seconds(call, x_ref.device, args.steps)
+    floor = sum(n * bare[checkpointing, batch, kind] for kind, n in parts.items())
+    flop = batch * sum(n * call_flop[kind] for kind, n in row["calls"].items())
+    per_image = row["s_per_step"] * row["steps_per_image"]  # seconds for the batch's images
+    return dict(row, checkpointing=checkpointing, floor_s=floor,
+                overhead=row["s_per_step"] / floor - 1, flop=flop,
+                tflops=flop / row["s_per_step"] / 1e12, s_per_image=per_image / batch,
+                images_per_s=batch / per_image)
 
 
 def compare_with_diffusers(nets: dict, nets32: dict, args, x_ref) -> dict | None:
@@ -539,11 +550,7 @@ def check(args) -> None:
         raise ValueError(f"--steps and --batch must be >= 1, got {args.steps}, {args.batch}")
     if args.json and os.path.exists(args.json) and not args.force:
         raise ValueError(f"{args.json} exists; pass --force to overwrite it")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {args.device} is not usable here "
-                         f"({str(e).splitlines()[0]}); try --device cpu") from None
+    dmap.usable_device(args.device)
 
 
 def speed(args) -> str:
