@@ -45,7 +45,7 @@ import operators
 import plot
 import vae
 from checkpoint import find_weights, load_state, read_config
-from unet import TINY, UNet, UNetConfig, UNetEncoder, ldm_unet_key
+from unet import TINY, UNet, UNetConfig, UNetEncoder, ldm_unet_key, load_unet
 
 # ---------------------------------------------------------------------------------------------
 # (1) The config: the UNet's encoder half plus the hint embedding
@@ -87,19 +87,14 @@ class ControlNetConfig(UNetConfig):
                    conditioning_embedding_out_channels=tuple(chans))
 
     def to_diffusers(self) -> dict:
-        """The config.json that diffusers' ControlNetModel (and from_diffusers) reads back; the
-        keys left out take the defaults from_diffusers accepts."""
-        return {"_class_name": "ControlNetModel", "in_channels": self.in_channels,
-                "conditioning_channels": self.conditioning_channels,
-                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D"
-                                     for a in self.attention],
-                "block_out_channels": list(self.block_out_channels),
-                "layers_per_block": self.layers_per_block,
-                "attention_head_dim": list(self.num_heads),  # head counts, see UNetConfig
-                "cross_attention_dim": self.cross_attention_dim, "use_linear_projection": True,
-                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
-                "conditioning_embedding_out_channels":
-                    list(self.conditioning_embedding_out_channels)}
+        """The config.json that diffusers' ControlNetModel (and from_diffusers) reads back: the
+        UNet's keys without its up path, plus the hint's."""
+        cfg = {k: v for k, v in super().to_diffusers().items()
+               if k not in ("out_channels", "up_block_types")}
+        return dict(cfg, _class_name="ControlNetModel",
+                    conditioning_channels=self.conditioning_channels,
+                    conditioning_embedding_out_channels=list(
+                        self.conditioning_embedding_out_channels))
 
 
 SD2_CONTROLNET = ControlNetConfig()  # the authors' CSE: ControlNetModel.from_unet(SD2-base UNet)
@@ -482,63 +477,77 @@ def sample_seed(seed: int, k: int) -> int:
     return seed * 2**32 + k
 
 
-def batch_losses(controlnet, sd: dmap.Pipeline, context, images, op, op_args, ks, size, seed,
+def batch_losses(net, sd: dmap.Pipeline, context, images, op, op_args, ks, size, seed,
                  autocast) -> torch.Tensor:
     """The per-sample losses of training samples ks, (len(ks),): ||eps_hat - eps||^2 / n with
     z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps (DDPMScheduler.add_noise), t ~ U{0..999},
-    z = 0.18215 * a VAE sample of the augmented image, and the hint op.hint(op(image)),
-    without noise (train_controlnet.py:900-955). For a v-model the target is
-    v = sqrt(abar) eps - sqrt(1 - abar) z (DDPMScheduler.get_velocity)."""
+    z = 0.18215 * a VAE sample of the augmented image (in pixel space the image itself), and
+    the hint op.hint(op(image)), without noise (train_controlnet.py:900-955). For a v-model the
+    target is v = sqrt(abar) eps - sqrt(1 - abar) z (DDPMScheduler.get_velocity).
+    net is what is trained: a ControlNet, whose residuals for the hint go into the frozen
+    sd.unet (a CSE), or, with op None, the UNet itself (a prior: no hint)."""
     device = context.device
-    latent = (sd.unet.cfg.in_channels, size // 8, size // 8)
+    latent = sd.latent(size)
     xs, hints, noise, ts, eps = [], [], [], [], []
     for k in ks:
         g = torch.Generator().manual_seed(sample_seed(seed, k))
         order = epoch_order(len(images), seed, k // len(images))
         x = augment(images[order[k % len(images)]], size, g)[None].to(device)
-        A = sample_operator(op, op_args, g).to(device)
-        with torch.no_grad():
-            hints.append(A.hint(A(x)))
+        if op is not None:
+            A = sample_operator(op, op_args, g).to(device)
+            with torch.no_grad():
+                hints.append(A.hint(A(x)))
         xs.append(x)
         noise.append(torch.randn(latent, generator=g))
         ts.append(int(torch.randint(0, len(sd.abar), (1,), generator=g)))
         eps.append(torch.randn(latent, generator=g))
     t = torch.tensor(ts, device=device)
     eps = torch.stack(eps).to(device)
-    vae_dtype = next(sd.vae.parameters()).dtype
-    with torch.no_grad():
-        mean, logvar = sd.vae.encode(torch.cat(xs).to(vae_dtype))
-        z = (mean.float() + (logvar.float() / 2).exp() * torch.stack(noise).to(device))
-        z = z * vae.SCALING_FACTOR
+    if sd.vae is None:  # pixel space: the latent is the image
+        z = torch.cat(xs)
+    else:
+        vae_dtype = next(sd.vae.parameters()).dtype
+        with torch.no_grad():
+            mean, logvar = sd.vae.encode(torch.cat(xs).to(vae_dtype))
+            z = (mean.float() + (logvar.float() / 2).exp() * torch.stack(noise).to(device))
+            z = z * vae.SCALING_FACTOR
     abar = sd.abar.to(device)[t][:, None, None, None]
     z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
     target = eps if sd.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * z
     ctx = context.expand(len(ks), -1, -1)
     with autocast():
-        residuals = controlnet(z_t, t, ctx, torch.cat(hints))
-        out = sd.unet(z_t, t, ctx, residuals)
+        out = net(z_t, t, ctx) if op is None else \
+            sd.unet(z_t, t, ctx, net(z_t, t, ctx, torch.cat(hints)))
     return (out.float() - target).pow(2).mean((1, 2, 3))
 
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the folder name of a whole checkpoint
+# What `train` can train (--train), and the file that records how: a CSE (a ControlNet on the
+# frozen UNet) or a pixel-space prior (the UNet itself, for mini.py)
+INFO = {"controlnet": "cse.json", "unet": "prior.json"}
 
 
-def save_checkpoint(out: str, step: int, controlnet: ControlNet, optimizer, info: dict) -> str:
-    """out/checkpoint-N/: controlnet/ (config.json + diffusion_pytorch_model.safetensors, the
-    diffusers layout the authors' checkpoints have), cse.json (what it was trained for, how
-    far) and state.pt (optimizer and step, for --resume). Written in a temporary folder and
-    renamed, so a killed run or a full disk never leaves a checkpoint that looks whole; the
-    previous checkpoint then drops its state.pt (the optimizer is twice the ControlNet)."""
+def save_checkpoint(out: str, step: int, net: nn.Module, optimizer, info: dict) -> str:
+    """out/checkpoint-N/: controlnet/ or unet/ (config.json + diffusion_pytorch_model
+    .safetensors, the diffusers layout the authors' checkpoints have; a unet/ comes with the
+    model's scheduler/, so the checkpoint is a pixel-space model folder dmap.load_sd2 reads),
+    cse.json or prior.json (what it was trained for, how far) and state.pt (optimizer and step,
+    for --resume). Written in a temporary folder and renamed, so a killed run or a full disk
+    never leaves a checkpoint that looks whole; the previous checkpoint then drops its state.pt
+    (the optimizer is twice the network)."""
+    what = "controlnet" if isinstance(net, ControlNet) else "unet"
     final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "controlnet"))
-    with open(os.path.join(tmp, "controlnet", "config.json"), "w") as f:
-        json.dump(controlnet.cfg.to_diffusers(), f, indent=2)
-    state = {k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
+    os.makedirs(os.path.join(tmp, what))
+    with open(os.path.join(tmp, what, "config.json"), "w") as f:
+        json.dump(net.cfg.to_diffusers(), f, indent=2)
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     safetensors.torch.save_file(
-        state, os.path.join(tmp, "controlnet", "diffusion_pytorch_model.safetensors"),
+        state, os.path.join(tmp, what, "diffusion_pytorch_model.safetensors"),
         metadata={"format": "pt"})
-    with open(os.path.join(tmp, "cse.json"), "w") as f:
+    if what == "unet":
+        shutil.copytree(os.path.join(info["model"], "scheduler"), os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, INFO[what]), "w") as f:
         json.dump(dict(info, step=step), f, indent=2)
     torch.save({"optimizer": optimizer.state_dict(), "step": step},
                os.path.join(tmp, "state.pt"))
@@ -563,46 +572,56 @@ def last_checkpoint(out: str) -> str | None:
 
 # What a resumed run must share with the run it continues (--steps may grow, the micro-batch
 # and precision may change: they only change rounding).
-RESUME_MUST_MATCH = ("op", "operator", "size", "images", "n", "data_seed", "seed", "batch",
-                     "lr", "prediction")
+RESUME_MUST_MATCH = ("train", "op", "operator", "size", "images", "n", "data_seed", "seed",
+                     "batch", "lr", "prediction")
 
 
-def resume(path: str, info: dict, controlnet: ControlNet, optimizer, device) -> int:
-    """Load checkpoint `path` into controlnet and optimizer, after checking that it was
-    trained as this run asks; its step."""
-    old = read_config(path, "cse.json")
-    bad = [f"{k} {old.get(k)!r} (now {info[k]!r})" for k in RESUME_MUST_MATCH
-           if old.get(k) != info[k]]
+def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
+    """Load checkpoint `path` into net (the ControlNet or the UNet) and optimizer, after
+    checking that it was trained as this run asks; its record (step, losses)."""
+    what = "controlnet" if isinstance(net, ControlNet) else "unet"
+    if not os.path.isfile(os.path.join(path, INFO[what])):
+        raise ValueError(f"--resume: {path} holds no {INFO[what]}: it did not train a {what}; "
+                         "use another --out")
+    old = read_config(path, INFO[what])
+    bad = [f"{k} {old.get(k, 'controlnet' if k == 'train' else None)!r} (now {info[k]!r})"
+           for k in RESUME_MUST_MATCH
+           if old.get(k, "controlnet" if k == "train" else None) != info[k]]
     if bad:
         raise ValueError(f"--resume: {path} was trained with {'; '.join(bad)}; use the same "
                          "settings, or another --out for a new run")
-    weights = load_controlnet(os.path.join(path, "controlnet"), device, torch.float32)
-    controlnet.load_state_dict(weights.state_dict())
+    load = load_controlnet if what == "controlnet" else load_unet
+    net.load_state_dict(load(os.path.join(path, what), device, torch.float32).state_dict())
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location=device)
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}/state.pt is unreadable ({e}); delete {path} to resume from "
                          "the one before") from None
     optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+    return dict(old, step=state["step"])
 
 
 def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, steps, seed,
                      autocast) -> Image.Image:
-    """Held-out images as rows: the hint, the CSE alone (DDPM), DPS+CSE (the paper's zeta) and
-    the reference, after `steps` sampling steps."""
+    """Held-out images as rows after `steps` sampling steps: for a CSE the hint, the CSE alone
+    (DDPM), DPS+CSE (the paper's zeta) and the reference; for a prior (controlnet None) an
+    unconditional sample and the image."""
     sigmas = dmap.sd_sigmas(steps, sd.abar)
     zeta = dmap.ZETA["dps"][0 if isinstance(op, operators.SR) else 1]
     device, rows = context.device, []
-    for path in paths:
+    for r, path in enumerate(paths):
         x = dmap.read_image(path, size).to(device)
-        y = op(x)
-        denoiser = CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y), sd.prediction)
-        row = [dmap.to_uint8(op.hint(y))]
-        for method, kwargs in (("ddpm", {}), ("dps", {"zeta": zeta})):
-            g = torch.Generator(device).manual_seed(seed)
-            noise = dmap.noise_like(torch.empty(1, sd.unet.cfg.in_channels, size // 8,
-                                                size // 8, device=device), g)
+        if controlnet is None:
+            y, denoiser, runs, row = None, dmap.SDDenoiser(sd.unet, context, sd.abar,
+                                                           sd.prediction), [("ddpm", {})], []
+        else:
+            y = op(x)
+            denoiser = CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y),
+                                   sd.prediction)
+            runs, row = [("ddpm", {}), ("dps", {"zeta": zeta})], [dmap.to_uint8(op.hint(y))]
+        for method, kwargs in runs:
+            g = torch.Generator(device).manual_seed(seed + r)
+            noise = dmap.noise_like(torch.empty(1, *sd.latent(size), device=device), g)
             with autocast():
                 z0 = dmap.SAMPLERS[method](denoiser, sigmas[0].item() * noise, y,
                                            lambda z: op(sd.decode(z)), sigmas, generator=g,
@@ -610,7 +629,8 @@ def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, st
                 with torch.no_grad():
                     row.append(dmap.to_uint8(sd.decode(z0).float()))
         rows.append(row + [dmap.to_uint8(x)])
-    titles = [["hint", f"CSE alone ({steps} steps)", "DPS+CSE", "reference"]] * len(rows)
+    titles = [[f"sample ({steps} steps)", "held-out image"] if controlnet is None else
+              ["hint", f"CSE alone ({steps} steps)", "DPS+CSE", "reference"]] * len(rows)
     return plot.image_grid(rows, titles)
 
 
@@ -633,9 +653,15 @@ def validation_images(held: list[str], train: list[str], size: int, n: int = 2) 
             or [p for p in train if min_side(p) >= size])[:n]
 
 
+# The widths of the diffusers hint embedding (ControlNetModel's default); a pixel-space model
+# takes as many levels as halve its side to the latent's: the first one alone
+HINT_WIDTHS = (16, 32, 96, 256)
+
+
 def train(args) -> str:
     """`python cse.py train`: the ControlNet from the SD 2.0 UNet (or --resume), trained on
-    --n images of --images for --steps steps of --batch samples; returns the last checkpoint."""
+    --n images of --images for --steps steps of --batch samples; with --train unet the UNet of a
+    pixel-space model itself (a prior). Returns the last checkpoint."""
     rank, world, device = distributed(torch.device(args.device))
     B, m = args.batch, args.micro_batch
     checks = [(B >= 1 and m >= 1, f"--batch and --micro-batch must be >= 1, got {B}, {m}"),
@@ -652,40 +678,54 @@ def train(args) -> str:
     last = last_checkpoint(args.out)  # --resume with nothing to resume starts afresh
     if last and not args.resume:
         raise ValueError(f"{last} exists; pass --resume to continue it, or another --out")
+    prior = args.train == "unet"
+    if prior and not dmap.is_pixel_model(args.model):
+        raise ValueError(f"--train unet trains a pixel-space model (unet/ with 3 input channels "
+                         f"and scheduler/, no vae/; mini.py makes one); {args.model} is not one")
     images, held = choose_images(args.images, args.n, args.data_seed)
     small = sum(min_side(path) < args.size for path in images)
     if small and rank == 0:
         print(f"note: {small} of {len(images)} images are smaller than {args.size} px; the "
               "random crop upscales them (blurrier training targets)", file=sys.stderr)
-    op, op_args = dmap.build_operator(args)
-    op = op.to(device)
+    op, op_args = (None, None) if prior else dmap.build_operator(args)
+    if op is not None:
+        op = op.to(device)
+    # a trained UNet keeps float32 master weights; --bf16 then only autocasts
     sd = dmap.load_sd2(args.model, args.prediction, device,
-                       torch.bfloat16 if args.bf16 else torch.float32)
+                       torch.bfloat16 if args.bf16 and not prior else torch.float32)
     context = dmap.encode_prompt(sd, "").float()  # computed once; the text encoder is freed
     sd = sd._replace(text_encoder=None)
-    for net in (sd.unet, sd.vae):
-        net.requires_grad_(False)
+    for frozen in (sd.vae, None if prior else sd.unet):
+        if frozen is not None:
+            frozen.requires_grad_(False)
     sd.unet.gradient_checkpointing = args.grad_checkpoint
-    with torch.random.fork_rng(devices=[]):  # the hint embedding's default init, seeded
-        torch.manual_seed(args.seed)
-        controlnet = from_unet(sd.unet).float()  # fp32 master weights (diffusers: the same)
-    controlnet.gradient_checkpointing = args.grad_checkpoint
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, betas=(0.9, 0.999),
+    if prior:
+        net = sd.unet
+    else:
+        halvings = round(math.log2(args.size // sd.latent(args.size)[-1]))
+        with torch.random.fork_rng(devices=[]):  # the hint embedding's default init, seeded
+            torch.manual_seed(args.seed)
+            net = from_unet(sd.unet, conditioning_embedding_out_channels=HINT_WIDTHS[
+                :halvings + 1]).float()  # fp32 master weights (diffusers: the same)
+        net.gradient_checkpointing = args.grad_checkpoint
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=1e-2, eps=1e-8)  # train_controlnet.py defaults
-    info = dict(op=args.op, operator={k: v for k, v in op_args.items() if k != "seed"},
+    info = dict(train=args.train, op=None if prior else args.op,
+                operator=None if prior else {k: v for k, v in op_args.items() if k != "seed"},
                 size=args.size, images=os.path.abspath(args.images), n=len(images),
                 data_seed=args.data_seed, seed=args.seed, batch=B, lr=args.lr,
                 prediction=sd.prediction, model=os.path.abspath(args.model),
                 train_images=[os.path.relpath(p, args.images) for p in images])
-    start = resume(last, info, controlnet, optimizer, device) if args.resume and last else 0
-    model = controlnet if world == 1 else torch.nn.parallel.DistributedDataParallel(controlnet)
+    done = resume(last, info, net, optimizer, device) if args.resume and last else {}
+    start, losses = done.get("step", 0), done.get("losses", [])[:done.get("step", 0)]
+    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(net)
 
     def autocast():
         return torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
 
     val = validation_images(held, images, args.size) if rank == 0 else []
-    bar = tqdm(total=args.steps, initial=start, desc=f"CSE {args.op}", unit="step",
-               disable=rank != 0)
+    bar = tqdm(total=args.steps, initial=start, desc="prior" if prior else f"CSE {args.op}",
+               unit="step", disable=rank != 0)
     step = start
     try:
         for step in range(start, args.steps):
@@ -698,34 +738,37 @@ def train(args) -> str:
                 sync = model.no_sync() if world > 1 and c < len(chunks) - 1 else \
                     contextlib.nullcontext()
                 with sync:
-                    losses = batch_losses(model, sd, context, images, op, op_args, chunk,
-                                          args.size, args.seed, autocast)
-                    (losses.sum() * world / B).backward()
-                total += losses.detach().sum()
+                    batch = batch_losses(model, sd, context, images, op, op_args, chunk,
+                                         args.size, args.seed, autocast)
+                    (batch.sum() * world / B).backward()
+                total += batch.detach().sum()
             if world > 1:
                 torch.distributed.all_reduce(total)
-            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)  # max_grad_norm 1.0
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # max_grad_norm 1.0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = total.item() / B
             if not math.isfinite(loss):
                 raise ValueError(f"the loss is {loss} at step {step + 1}; try a smaller --lr "
                                  f"(or resume {last} without --bf16)")
+            losses.append(round(loss, 6))
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / (time.perf_counter() - t0):.2f}")
             bar.update(1)
-            done = step + 1
-            if rank == 0 and (done % args.checkpoint_every == 0 or done == args.steps):
+            finished = step + 1
+            if rank == 0 and (finished % args.checkpoint_every == 0 or finished == args.steps):
                 try:
-                    last = save_checkpoint(args.out, done, controlnet, optimizer,
-                                           dict(info, loss=loss))
+                    last = save_checkpoint(args.out, finished, net, optimizer,
+                                           dict(info, loss=loss, losses=losses))
                 except OSError as e:
-                    raise ValueError(f"cannot write checkpoint-{done} under {args.out} "
+                    raise ValueError(f"cannot write checkpoint-{finished} under {args.out} "
                                      f"({e.strerror}); {last or 'no earlier checkpoint'} is "
                                      "intact: free space and run again with --resume") from None
-            if rank == 0 and args.validate_every and done % args.validate_every == 0 and val:
-                panel = validation_panel(sd, controlnet, context, op, val, args.size,
-                                         args.validation_steps, args.seed, autocast)
-                dmap.write_atomic(os.path.join(args.out, f"validation-{done}.png"), panel.save)
+            if rank == 0 and args.validate_every and finished % args.validate_every == 0 \
+                    and val:
+                panel = validation_panel(sd, None if prior else net, context, op, val,
+                                         args.size, args.validation_steps, args.seed, autocast)
+                dmap.write_atomic(os.path.join(args.out, f"validation-{finished}.png"),
+                                  panel.save)
             if world > 1:
                 torch.distributed.barrier()
     except KeyboardInterrupt:
@@ -794,6 +837,9 @@ def parse_args(argv=None):
         q.add_argument("--seed", type=int, default=0, help="random seed")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (under torchrun: cuda:LOCAL_RANK)")
+    t.add_argument("--train", default="controlnet", choices=list(INFO),
+                   help="what learns: a CSE (a ControlNet on the frozen UNet), or the UNet of a "
+                   "pixel-space model itself (a prior, as mini.py trains; --op unused)")
     t.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
                    help="the degradation the CSE learns")
     t.add_argument("--images", required=True, help="folder of training images (recursive)")
@@ -820,9 +866,7 @@ def parse_args(argv=None):
                    "validation panel")
     t.add_argument("--resume", action="store_true", help="continue from the newest whole "
                    "checkpoint in --out")
-    t.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
-    t.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
-                   "(default: weights/GOPRO_wVAE.safetensors)")
+    dmap.add_operator_flags(t)
     gen.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
                      help="number of images (under torchrun: --num-images)")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (Euler ancestral)")
@@ -830,9 +874,10 @@ def parse_args(argv=None):
                      help="model dtype (the authors: float16)")
     args = p.parse_args(argv)
     if args.command == "train":  # dmap.build_operator's flags
-        for name, (op, _, _) in dmap.OPERATOR_FLAGS.items():
-            if getattr(args, name) is not None and args.op != op:
-                p.error(f"--{name.replace('_', '-')} applies to --op {op} only")
+        try:
+            dmap.check_operator_flags(args)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

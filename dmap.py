@@ -35,6 +35,7 @@ import operators
 import plot
 import unet
 import vae
+from checkpoint import read_config
 
 # ---------------------------------------------------------------------------------------------
 # (1) A noise schedule: descending sigmas that end in 0 (Stable Diffusion's is in section (4))
@@ -72,8 +73,10 @@ def ancestral_step(x, x0_hat, sigma: float, sigma_next: float, eta=1.0, generato
     """
     sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1 - sigma_next**2 / sigma**2))
     sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-    mu = x + (x - x0_hat) / sigma * (sigma_down - sigma)  # Euler step of the PF-ODE to sigma_down
-    return mu + sigma_up * noise_like(x, generator), mu, sigma_up
+    # Euler step of the PF-ODE to sigma_down: mu = x + (x - x0_hat) / sigma * (sigma_down - sigma)
+    # (each torch.add(a, b, alpha=c) = a + c b is one pass over the tensors, not two)
+    mu = torch.add(x, x - x0_hat, alpha=(sigma_down - sigma) / sigma)
+    return torch.add(mu, noise_like(x, generator), alpha=sigma_up), mu, sigma_up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def dps(denoiser, x, y, A, sigmas, *, zeta=4.8, eta=1.0, generator=None, callbac
     for i in range(len(s) - 1):
         x0_hat, loss, grad = measurement_grad(denoiser, x, s[i], y, A)
         x_next, _, _ = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
-        x = x_next - zetas[i] * grad  # Eq. 3
+        x = torch.add(x_next, grad, alpha=-zetas[i])  # Eq. 3: x_next - zeta grad
         if callback is not None:
             callback(dict(i=i, sigma=s[i], x=x, x0_hat=x0_hat, loss=loss))
     return x
@@ -165,10 +168,9 @@ def dsg(denoiser, x, y, A, sigmas, *, zeta=0.08, eta=1.0, generator=None, callba
         x0_hat, loss, grad = measurement_grad(denoiser, x, s[i], y, A)
         x_next, mu, sigma_up = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
         r = root_n * sigma_up
-        d_star = -r * grad / (sample_norm(grad) + 1e-8)  # Eq. 40
-        d_sample = x_next - mu
-        d_mix = d_sample + zetas[i] * (d_star - d_sample)  # Eq. 41
-        x = mu + r * d_mix / (sample_norm(d_mix) + 1e-8)
+        d_star = grad * (-r / (sample_norm(grad) + 1e-8))  # Eq. 40: -r g / ||g||
+        d_mix = torch.lerp(x_next - mu, d_star, zetas[i])  # Eq. 41: d + zeta (d* - d), d = x - mu
+        x = torch.addcmul(mu, d_mix, r / (sample_norm(d_mix) + 1e-8))  # back onto the sphere
         if callback is not None:
             callback(dict(i=i, sigma=s[i], x=x, x0_hat=x0_hat, loss=loss))
     return x
@@ -196,8 +198,8 @@ def dmap(denoiser, x, y, A, sigmas, *, zeta=4.8, K=3, eta=1.0, generator=None, c
         x_next, mu, sigma_up = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
         for _ in range(K if sigma_up > 0 else 0):  # radius 0: the sphere is the point mu
             _, _, grad = measurement_grad(denoiser, x_next, s[i + 1], y, A)  # inner x0_hat unused
-            x_star = x_next - zetas[i] * grad  # gradient step on x_{t-1}
-            x_next = mu + (x_star - mu) / sample_norm(x_star - mu) * (root_n * sigma_up)
+            d = torch.add(x_next, grad, alpha=-zetas[i]) - mu  # x* - mu, x* = x_{t-1} - zeta g
+            x_next = torch.addcmul(mu, d, root_n * sigma_up / sample_norm(d))  # onto the sphere
         # x0_hat(x_{t-1}), the next step's start; at sigma = 0 Tweedie's denoiser is the identity
         x0_next = denoiser(x_next, s[i + 1]) if s[i + 1] > 0 else x_next
         if callback is not None:
@@ -227,7 +229,7 @@ def freedom(denoiser, x, y, A, sigmas, *, zeta=4.8, repeats=2, window=(0.2, 0.5)
                 x = x + math.sqrt(s[i] ** 2 - s[i + 1] ** 2) * noise_like(x, generator)
             x0_hat, loss, grad = measurement_grad(denoiser, x, s[i], y, A)
             x_next, _, _ = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
-            x = x_next - zetas[i] * grad
+            x = torch.add(x_next, grad, alpha=-zetas[i])
         if callback is not None:
             callback(dict(i=i, sigma=s[i], x=x, x0_hat=x0_hat, loss=loss))
     return x
@@ -253,10 +255,10 @@ def resample(denoiser, x, y, A, sigmas, *, zeta=4.8, at=(0.1, 0.2), gamma=40.0, 
     for i in range(n):
         x0_hat, loss, grad = measurement_grad(denoiser, x, s[i], y, A)
         x_next, _, _ = ancestral_step(x, x0_hat, s[i], s[i + 1], eta, generator)
-        x = x_next - zetas[i] * grad
+        x = torch.add(x_next, grad, alpha=-zetas[i])
         if i in stops and s[i + 1] > 0:
             z = x0_hat.clone().requires_grad_(True)
-            opt = torch.optim.AdamW([z], lr=lr)
+            opt = torch.optim.AdamW([z], lr=lr, fused=True)  # one pass per iteration
             with torch.enable_grad():
                 for _ in range(iters):
                     mse = (A(z) - y).pow(2).flatten(1).mean(dim=1)  # per sample
@@ -301,7 +303,7 @@ def psld(denoiser, x, y, A, sigmas, *, H, adjoint, decode, encode, zeta=4.8, gam
             total = loss + gamma * (glued - x0_hat).flatten(1).norm(dim=1)  # Eq. 35
             (grad,) = torch.autograd.grad(total.sum(), xg)
         x_next, _, _ = ancestral_step(x, x0_hat.detach(), s[i], s[i + 1], eta, generator)
-        x = x_next - zetas[i] * grad
+        x = torch.add(x_next, grad, alpha=-zetas[i])
         if callback is not None:
             callback(dict(i=i, sigma=s[i], x=x, x0_hat=x0_hat.detach(), loss=loss.detach()))
     return x
@@ -413,30 +415,52 @@ FETCH = (f"pip install huggingface_hub && hf download {HUB_REPO} --include 'unet
 
 
 class Pipeline(NamedTuple):
-    """The parts of Stable Diffusion 2.0 the samplers need."""
+    """The parts of Stable Diffusion 2.0 the samplers need; or of a pixel-space model of the
+    same UNet (mini.py's), which has no VAE and no text encoder: its latents are the images."""
 
     unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
+    vae: nn.Module | None  # None: pixel space
+    text_encoder: nn.Module | None  # None: pixel space (the empty context, encode_prompt)
     tokenizer: "clip.Tokenizer | None"  # None: a single file without a tokenizer/ folder beside
     abar: torch.Tensor  # the DDPM table alpha_bar_t, t = 0..999
     prediction: str  # "eps" (512-base) or "v" (768-v)
 
+    def latent(self, size: int) -> tuple[int, int, int]:
+        """The shape of the latent of one size x size image: (4, size / 8, size / 8) for SD 2.0
+        (the VAE halves the side 3 times), (3, size, size) in pixel space."""
+        side = size if self.vae is None else size // 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+        return self.unet.cfg.in_channels, side, side
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent -> image in about [-1, 1] (the VAE sees z / 0.18215), in z's dtype; the VAE
-        runs in its own (mixed precision, as SDDenoiser)."""
+        runs in its own (mixed precision, as SDDenoiser). In pixel space: z itself."""
+        if self.vae is None:
+            return z
         dtype = next(self.vae.parameters()).dtype
         return self.vae.decode((z / vae.SCALING_FACTOR).to(dtype)).to(z.dtype)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image -> latent: the posterior mean, scaled (official PSLD samples from it)."""
+        """Image -> latent: the posterior mean, scaled (official PSLD samples from it). In pixel
+        space: the image itself."""
+        if self.vae is None:
+            return image
         dtype = next(self.vae.parameters()).dtype
         return self.vae.encode(image.to(dtype))[0].to(image.dtype) * vae.SCALING_FACTOR
 
 
+def is_pixel_model(path: str) -> bool:
+    """A pixel-space model folder: unet/ with 3 input channels and scheduler/, no vae/ (what
+    `cse.py train --train unet` writes for mini.py's prior)."""
+    unet_dir = os.path.join(path, "unet")
+    return not os.path.exists(os.path.join(path, "vae")) and \
+        os.path.isfile(os.path.join(unet_dir, "config.json")) and \
+        read_config(unet_dir, "config.json").get("in_channels") == 3
+
+
 def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> Pipeline:
     """SD 2.0 from a diffusers pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
-    or a single-file LDM checkpoint (512-base-ema.safetensors layout; docs/sd2_formats.md §2.2).
+    or a single-file LDM checkpoint (512-base-ema.safetensors layout; docs/sd2_formats.md §2.2);
+    or a pixel-space model folder (unet/ scheduler/, is_pixel_model).
 
     512-base (eps) and 768-v (v) have identical keys: a folder's scheduler config decides; for a
     single file the `prediction` flag does (default "eps", the model of the paper).
@@ -452,7 +476,9 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                         clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
                         clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
                         else None, sd_abar(), prediction or "eps")
-    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    pixel = is_pixel_model(path)
+    parts = ("unet", "scheduler") if pixel else \
+        ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} folder(s); not an SD 2.0 pipeline "
@@ -473,6 +499,9 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                          f"{scheduler.get('prediction_type')!r}; drop --prediction {prediction}")
     abar = sd_abar(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
                    scheduler.get("num_train_timesteps", 1000))
+    if pixel:
+        return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype), None, None,
+                        None, abar, folder_prediction)
     return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype),
                     vae.load_vae(os.path.join(path, "vae"), device, dtype),
                     clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
@@ -487,13 +516,21 @@ def set_checkpointing(unet_net: nn.Module, vae_net: nn.Module, which: str) -> No
     """Activation checkpointing for guided steps: `none`; `vae`, the decoder's layers are
     recomputed in the backward pass instead of stored (most of a DPS step's memory at 512 px);
     `all`, the UNet's blocks too. Costs about one more forward of what it covers."""
-    vae_net.decoder.gradient_checkpointing = which in ("vae", "all")
+    if vae_net is not None:  # None: pixel space
+        vae_net.decoder.gradient_checkpointing = which in ("vae", "all")
     unet_net.gradient_checkpointing = which == "all"
 
 
 def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
     """The (1, 77, 1024) text context. The paper conditions on the empty prompt (no CFG), whose
-    ids need no vocabulary: [bos, eos, pad x 75] (docs/sd2_formats.md §1.5)."""
+    ids need no vocabulary: [bos, eos, pad x 75] (docs/sd2_formats.md §1.5). A pixel-space
+    model has no text encoder: its fixed empty context is one token of zeros (its
+    cross-attention then adds a learnt constant)."""
+    if sd.text_encoder is None:
+        if prompt != "":
+            raise ValueError("a pixel-space model has no text encoder; it takes no --prompt")
+        weight = sd.unet.conv_in.weight
+        return weight.new_zeros(1, 1, sd.unet.cfg.cross_attention_dim)
     if sd.tokenizer is not None:
         ids = sd.tokenizer([prompt])
     elif prompt == "":
@@ -522,7 +559,7 @@ DMAP_SETTINGS = {"full": dict(steps=500, K=3, zeta_scale=1.0),
 # Method knobs the command exposes; each flag is named as the sampler keyword it sets.
 KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
 # Operator flags and the operators they apply to (the operator's keyword, the default).
-OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8),
+OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8), "blur_std": ("blur", "std", 3.0),
                   "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
 # Flags that do not change the restoration, left out of the output names.
 NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
@@ -584,6 +621,22 @@ def write_atomic(path: str, save) -> None:
             os.remove(tmp)
 
 
+def add_operator_flags(p: argparse.ArgumentParser) -> None:
+    """The operator flags (OPERATOR_FLAGS), shared by dmap.py, cse.py train and eval.py."""
+    p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
+    p.add_argument("--blur-std", type=float, help="Gaussian blur std in pixels (default: 3.0, "
+                   "the paper's at 512 px)")
+    p.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
+                   "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
+
+
+def check_operator_flags(args) -> None:
+    """ValueError for an operator flag given with another --op."""
+    for name, (op, _, _) in OPERATOR_FLAGS.items():
+        if getattr(args, name, None) is not None and args.op != op:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --op {op} only")
+
+
 def parse_args(argv=None):
     def default(method, name):  # a sampler's own default, for the help text
         value = inspect.signature(SAMPLERS[method]).parameters[name].default
@@ -637,9 +690,7 @@ def parse_args(argv=None):
                    f"{default('resample', 'lr')})")
     p.add_argument("--sigma-y", type=float, default=0.0,
                    help="measurement noise std on [-1, 1] (default: %(default)s, as the paper)")
-    p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
-    p.add_argument("--kernel-weights", help="bkse KernelWizard weights for nonlinear_blur "
-                   "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
+    add_operator_flags(p)
     p.add_argument("--cse", help="a trained CSE (`python cse.py train`'s checkpoint-N folder, "
                    "or a diffusers ControlNet folder or single file): the sampler's denoiser "
                    "becomes the UNet with its residuals; with --method ddpm, the CSE alone "
@@ -665,9 +716,7 @@ def settings(args) -> tuple[int, dict]:
     for name in ("zeta",) + KNOBS:
         if getattr(args, name) is not None and name not in params:
             raise ValueError(f"--{name} does not apply to --method {args.method}")
-    for name, (op, _, _) in OPERATOR_FLAGS.items():
-        if getattr(args, name) is not None and args.op != op:
-            raise ValueError(f"--{name.replace('_', '-')} applies to --op {op} only")
+    check_operator_flags(args)
     if args.dmap_setting is not None and fn is not dmap:
         raise ValueError(f"--dmap-setting does not apply to --method {args.method}")
     if args.observed and args.sigma_y:
@@ -784,7 +833,7 @@ def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
     parts = model_parts(args.method, H=op, adjoint=getattr(op, "adjoint", None),
                         decode=sd.decode, encode=sd.encode)
     sigmas = sd_sigmas(steps, sd.abar)
-    latent = (len(y), sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
+    latent = (len(y), *sd.latent(args.size))
     noise = noise_like(torch.empty(latent, device=y.device, dtype=y.dtype), generator)
     bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step", leave=None)
 

@@ -40,7 +40,7 @@ import plot
 # (1) Metrics: the conventions, and the scorer of one image pair
 # ---------------------------------------------------------------------------------------------
 
-METRICS = ("psnr", "ssim", "lpips", "fid", "kid")
+METRICS = ("psnr", "ssim", "lpips", "fid", "kid", "sw")
 CONVENTIONS = {
     "psnr": "PSNR (dB): the mean over images of per-image PSNR on 8-bit images scaled to [0, 1] "
             "(the authors' fid.py; torchmetrics' default pools the error over images instead)",
@@ -52,8 +52,23 @@ CONVENTIONS = {
            "resized bilinearly to 299 without antialias; restored vs reference images",
     "kid": "KID (x 1e3): unbiased MMD^2, kernel (x.y / 2048 + 1)^3, 100 subsets of "
            "min({subset}, n) images (torch-fidelity's 100 x 1000; the authors' 100 x 10)",
+    "sw": "SW (x 1e2): sliced Wasserstein distance, the mean over 100 random directions of the "
+          "1-D W1 between restored and reference images as vectors of [0, 1] pixels, the images "
+          "box-filtered to at most 64 px a side first (no network, no download; ours)",
 }
-LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID x1e3"}
+LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID x1e3",
+          "sw": "SW x1e2"}
+SW_SIDE = 64  # SW's images are box-filtered to at most this side: vectors of 3 x 64 x 64
+
+
+def sw_pixels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> the vector SW compares: [0, 1] pixels, box-filtered to at most
+    SW_SIDE a side (at 512 px, 786k-value vectors would make each random slice mostly pixel
+    noise, and 1000 of them take 3 GB)."""
+    side = max(1, math.ceil(max(image.shape[:2]) / SW_SIDE))
+    h, w = image.shape[0] // side * side, image.shape[1] // side * side
+    a = image[:h, :w].astype(np.float64) / 255
+    return a.reshape(h // side, side, w // side, side, 3).mean((1, 3)).ravel()
 
 
 def as_tensor(image: np.ndarray, device) -> torch.Tensor:
@@ -103,10 +118,19 @@ def mean_interval(values) -> dict:
     return dict(mean=float(v.mean()), ci95=half, n=len(v))
 
 
-def summarize(per_image: list[dict], ref_features, pred_features, names, kid_subset) -> dict:
-    """Each metric over a set of pairs: means with intervals; FID and KID from the features."""
-    out = {m: mean_interval([r[m] for r in per_image]) for m in ("psnr", "ssim", "lpips")
-           if m in names}
+def summarize(per_image: list[dict], names, kid_subset, features=(None, None),
+              pixels=(None, None)) -> dict:
+    """Each metric over a set of pairs: means with intervals (the per-image ones and, in a run,
+    the measurement fit y_rmse); FID and KID from the Inception features (ref, pred), SW from
+    the sw_pixels vectors (ref, pred)."""
+    out = {m: mean_interval([r[m] for r in per_image]) for m in ("psnr", "ssim", "lpips",
+                                                                 "y_rmse")
+           if m in names or (m == "y_rmse" and m in per_image[0])}
+    ref_features, pred_features = features
+    if "sw" in names and pixels[0] is not None:
+        a, b = (torch.from_numpy(np.stack(v)) for v in pixels)
+        out["sw"] = dict(value=metrics.sliced_wasserstein(
+            a, b, generator=torch.Generator().manual_seed(0)), n=len(a))
     if ref_features is not None and len(ref_features) >= 2:
         a, b = np.stack(ref_features), np.stack(pred_features)
         if "fid" in names:
@@ -126,9 +150,11 @@ def cell(summary: dict, metric: str) -> str:
         return "n/a"
     if metric == "fid":
         return f"{s['value']:.2f}"
+    if metric == "sw":
+        return f"{1e2 * s['value']:.3f}"
     if metric == "kid":
         return f"{1e3 * s['mean']:.2f} ± {1e3 * s['std']:.2f}"
-    digits = {"psnr": 2, "ssim": 4, "lpips": 4}[metric]
+    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "y_rmse": 4}[metric]
     ci = "" if s["ci95"] is None else f" ± {s['ci95']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{ci}"
 
@@ -197,7 +223,7 @@ def score(args) -> dict:
                   only_in_ref=sorted(set(ref) - set(pred)),
                   only_in_pred=sorted(set(pred) - set(ref)),
                   not_images=dict(ref=ref_skipped, pred=pred_skipped), resized=[], refused={})
-    rows, ref_features, pred_features = [], [], []
+    rows, ref_features, pred_features, ref_pixels, pred_pixels = [], [], [], [], []
     for stem in tqdm(sorted(set(ref) & set(pred)), desc="score", unit="image"):
         p = read_uint8(pred[stem])
         r = read_uint8(ref[stem])
@@ -212,12 +238,16 @@ def score(args) -> dict:
         if scorer.inception is not None:
             ref_features.append(scorer.features(r))
             pred_features.append(scorer.features(p))
+        if "sw" in scorer.names:
+            ref_pixels.append(sw_pixels(r))
+            pred_pixels.append(sw_pixels(p))
     if not rows:
         raise ValueError(f"no image of {args.pred} has a reference of its name and size in "
                          f"{args.ref}")
     report["n"] = len(rows)
-    report["metrics"] = summarize(rows, ref_features or None, pred_features, scorer.names,
-                                  args.kid_subset)
+    report["metrics"] = summarize(rows, scorer.names, args.kid_subset,
+                                  (ref_features or None, pred_features),
+                                  (ref_pixels or None, pred_pixels))
     report["per_image"] = rows
     return report
 
@@ -254,19 +284,61 @@ METHODS = {"ddpm": ("ddpm", None), "dps": ("dps", None), "dsg": ("dsg", None),
 PAPER_METHODS = "dps,dsg,dmap,dmap-same,freedom,resample,psld"
 # Settings that change a restoration: a rerun into the same --out must keep them.
 RUN_KEYS = ("model", "prediction", "size", "steps", "seed", "sigma_y", "dtype", "cse", "batch",
-            "metrics")
+            "metrics", "zeta", "operator_flags")
 
 
-def parse_methods(text: str, has_cse: bool) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+def parse_map(text: str | None, what: str, value=str) -> dict:
+    """A comma list of KEY=VALUE (keys as given: 'dps=1.2,sr/dmap=3' or 'sr=runs/a') -> dict;
+    ValueError saying the form."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, eq, v = item.partition("=")
+        try:
+            out[key.strip()] = value(v)
+        except ValueError:
+            eq = ""
+        if not eq or not key.strip():
+            raise ValueError(f"{what} takes a comma list of NAME=VALUE, got {item!r}")
+    return out
+
+
+def zeta_for(zetas: dict, op: str, method: str) -> float | None:
+    """The step size --zeta gives a method on an operator: 'op/method', then 'method', then the
+    same for the method without +cse (DPS+CSE takes DPS's unless it has its own); None: the
+    default of dmap.py."""
+    for name in (method, method.removesuffix("+cse")):
+        for key in (f"{op}/{name}", name):
+            if key in zetas:
+                return zetas[key]
+    return None
+
+
+def cse_for(args, op: str) -> str | None:
+    """The CSE of an operator: --cse PATH for every operator, or --cse sr=PATH,blur=PATH."""
+    if not args.cse or "=" not in args.cse:
+        return args.cse
+    return parse_map(args.cse, "--cse").get(op)
+
+
+def parse_methods(args, ops: list[str]) -> list[str]:
+    """--methods as a list, each known, and a CSE for every operator of a CSE method; the
+    --zeta keys checked against them."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     valid = list(METHODS) + [m + "+cse" for m in METHODS if m not in ("cse", "ddpm")]
     for m in methods:
         if m not in valid:
             raise ValueError(f"unknown method {m}; choose from {', '.join(valid)}")
-        if m.endswith("cse") and not has_cse:
-            raise ValueError(f"method {m} needs a trained CSE: pass --cse PATH")
+        missing = [op for op in ops if m.endswith("cse") and not cse_for(args, op)]
+        if missing:
+            raise ValueError(f"method {m} needs a trained CSE for --op {missing[0]}: pass --cse "
+                             "PATH (or --cse OP=PATH,...)")
     if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"--methods needs distinct names, got {text!r}")
+        raise ValueError(f"--methods needs distinct names, got {args.methods!r}")
+    for key in parse_map(args.zeta, "--zeta", float):
+        op, _, m = key.rpartition("/")
+        if m not in valid or (op and op not in operators.OPERATORS):
+            raise ValueError(f"--zeta {key}: name a method ({', '.join(valid)}), optionally "
+                             "after an operator and /, as sr/dps=1.2")
     return methods
 
 
@@ -282,9 +354,15 @@ def method_args(args, method: str, op: str, image: str, seed: int):
     if args.steps:  # one budget for all; DMAP (same) keeps half the steps of the others
         argv += ["--steps", str(max(1, args.steps // 2) if budget == "same" else args.steps)]
     if method.endswith("cse"):
-        argv += ["--cse", args.cse]
+        argv += ["--cse", cse_for(args, op)]
     if args.prediction:
         argv += ["--prediction", args.prediction]
+    zeta = zeta_for(parse_map(args.zeta, "--zeta", float), op, method)
+    if zeta is not None:
+        argv += ["--zeta", str(zeta)]
+    for name, (flag_op, _, _) in dmap.OPERATOR_FLAGS.items():
+        if flag_op == op and getattr(args, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return dmap.parse_args(argv)
 
 
@@ -387,7 +465,7 @@ class Run:
     def __init__(self, args, device, dtype, cse_ops):
         self.args, self.device = args, device
         self.scorer = Scorer(args.metrics.split(","), args.metric_weights, device)
-        self.controlnets = {op: cse.load_cse(args.cse, op, args.size, device, dtype)[0]
+        self.controlnets = {op: cse.load_cse(cse_for(args, op), op, args.size, device, dtype)[0]
                             for op in cse_ops}
         self.sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
         dmap.set_checkpointing(self.sd.unet, self.sd.vae, args.checkpointing)
@@ -437,6 +515,8 @@ class Run:
             with torch.no_grad():
                 restored = self.sd.decode(z0)
         seconds = (time.perf_counter() - start) / len(batch)
+        with torch.no_grad():  # measurement fit, on [-1, 1] before the 8-bit rounding
+            y_rmse = (op(restored.clamp(-1, 1)) - y).flatten(1).pow(2).mean(1).sqrt().tolist()
         hint = op.hint(y) if y.shape[-1] != self.args.size else y
         folder = os.path.join(self.args.out, op_name, method)
         os.makedirs(os.path.join(self.args.out, op_name, "measurement"), exist_ok=True)
@@ -456,7 +536,7 @@ class Run:
                           method=method, op=op_name, operator=op_args,
                           sampler=dict(kwargs, steps=steps), seconds=round(seconds, 3),
                           peak_mb=None if peak.mb is None else round(peak.mb, 1),
-                          **self.scorer.pair(refs[b][0], image))
+                          y_rmse=y_rmse[b], **self.scorer.pair(refs[b][0], image))
             write_json(os.path.join(folder, s + ".json"), record)
 
 
@@ -491,6 +571,9 @@ def collect(args, images, ops, methods) -> dict:
 
     ref = [load(os.path.join(args.out, "reference", s + ".npy")) for _, s, _ in images] \
         if feats else None
+    sw = "sw" in names
+    ref_pixels = [sw_pixels(read_uint8(os.path.join(args.out, "reference", s + ".png")))
+                  for _, s, _ in images] if sw else None
     table = {}
     for op in ops:
         for m in methods:
@@ -501,7 +584,10 @@ def collect(args, images, ops, methods) -> dict:
                     records.append(json.load(f))
             pred = [load(os.path.join(folder, s + ".npy")) for _, s, _ in images] \
                 if feats else None
-            summary = summarize(records, ref, pred, names, args.kid_subset)
+            pred_pixels = [sw_pixels(read_uint8(os.path.join(folder, s + ".png")))
+                           for _, s, _ in images] if sw else None
+            summary = summarize(records, names, args.kid_subset, (ref, pred),
+                                (ref_pixels, pred_pixels))
             peaks = [r["peak_mb"] for r in records if r["peak_mb"] is not None]
             summary.update(seconds=float(np.mean([r["seconds"] for r in records])),
                            peak_mb=max(peaks) if peaks else None, sampler=records[0]["sampler"])
@@ -519,16 +605,18 @@ def table_markdown(args, table, ops, methods, settings, left_out) -> str:
              f"image index, sigma_y {settings['sigma_y']}, {settings['dtype']} on "
              f"{settings['device']}, batch {settings['batch']}", ""]
     lines += ["- time (s): sampling and decoding per image (batch time / batch), the mean over "
-              "images; peak memory per image in its JSON record"] + \
+              "images; peak memory per image in its JSON record",
+              "- y RMSE: the measurement fit, RMS of A(x) - y on [-1, 1] pixels (x the "
+              "restoration before 8-bit rounding)"] + \
         convention_lines(names, args.kid_subset) + [""]
     head = ["method"] + [f"{op} {c}" for op in ops for c in ["time (s)"] +
-                         [LABELS[n] for n in names]]
+                         [LABELS[n] for n in names] + ["y RMSE"]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         row = [m]
         for op in ops:
             s = table[f"{op}/{m}"]
-            row += [f"{s['seconds']:.1f}"] + [cell(s, n) for n in names]
+            row += [f"{s['seconds']:.1f}"] + [cell(s, n) for n in names] + [cell(s, "y_rmse")]
         lines.append("| " + " | ".join(row) + " |")
     if left_out:
         lines += ["", f"{len(left_out)} files left out: " + ", ".join(
@@ -555,11 +643,14 @@ def run(args) -> str:
     for o in ops:
         if o not in operators.OPERATORS:
             raise ValueError(f"unknown --op {o}; choose from {', '.join(operators.OPERATORS)}")
-    methods = parse_methods(args.methods, bool(args.cse))
+    methods = parse_methods(args, ops)
     checks = [(args.n >= 1, f"--n must be >= 1, got {args.n}"),
               (args.batch >= 1, f"--batch must be >= 1, got {args.batch}"),
               (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
               (args.grid >= 0, f"--grid must be >= 0, got {args.grid}")]
+    checks += [(getattr(args, name) is None or op in ops, f"--{name.replace('_', '-')} applies "
+                f"to --op {op}, which this run does not restore")
+               for name, (op, _, _) in dmap.OPERATOR_FLAGS.items()]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -572,9 +663,12 @@ def run(args) -> str:
     settings = dict(images=os.path.abspath(args.images), n=len(images),
                     model=os.path.abspath(args.model), prediction=args.prediction,
                     size=args.size, steps=args.steps, seed=args.seed, sigma_y=args.sigma_y,
-                    dtype=args.dtype, cse=args.cse and os.path.abspath(args.cse),
-                    batch=args.batch, metrics=args.metrics, device=device.type,
-                    code=code_version())
+                    dtype=args.dtype, cse={op: os.path.abspath(cse_for(args, op)) for op in ops
+                                           if cse_for(args, op)} or None,
+                    batch=args.batch, metrics=args.metrics, zeta=args.zeta,
+                    operator_flags={k: getattr(args, k) for k in dmap.OPERATOR_FLAGS
+                                    if getattr(args, k) is not None},
+                    device=device.type, code=code_version())
     check_run(args, settings)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -704,8 +798,12 @@ def observe(args) -> str:
     written when done and skipped when its file exists (a killed run resumes)."""
     os.makedirs(args.out, exist_ok=True)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k, (op, _, _) in
+             dmap.OPERATOR_FLAGS.items() if op == args.op and getattr(args, k) is not None]
     a = dmap.parse_args([args.image, "--method", "dps", "--op", args.op, "--size", str(args.size),
-                         "--seed", str(args.seed), "--cse", args.cse, "--model", args.model])
+                         "--seed", str(args.seed), "--cse", args.cse, "--model", args.model,
+                         *flags])
+    dmap.check_operator_flags(args)
     checks = [(min(args.k, args.k_mean, args.trajectories, args.batch, args.every,
                    args.repeats, args.steps) >= 1, "--k, --k-mean, --trajectories, --batch, "
                "--every, --repeats and --steps must be >= 1"),
@@ -723,18 +821,23 @@ def observe(args) -> str:
     def A(z):
         return op(sd.decode(z))
 
-    column = 0 if args.op == "sr" else 1  # dmap.ZETA: (SR x8, the other operators)
-    zeta, rate = dmap.ZETA["dps"][column], dmap.ZETA["dsg"][column]
+    given = parse_map(args.zeta, "--zeta", float)
+
+    def zeta_of(method):  # --zeta's, else dmap.ZETA's: (SR x8, the other operators)
+        value = zeta_for(given, args.op, method)
+        return dmap.ZETA[method][0 if args.op == "sr" else 1] if value is None else value
+
+    zeta, rate = zeta_of("dps"), zeta_of("dsg")
     try:
         zetas = [float(z) for z in args.zetas.split(",")] if args.zetas else \
             [zeta / 4, zeta, 4 * zeta]
     except ValueError:
         raise ValueError(f"--zetas takes a comma list of numbers, got {args.zetas!r}") from None
     runs = [(f"DPS zeta={z:g}", "dps", dict(zeta=z)) for z in zetas] + \
-        [(f"DSG rate={rate:g}", "dsg", dict(zeta=rate)), (f"DMAP zeta={zeta:g}", "dmap",
-                                                         dict(zeta=zeta))]
+        [(f"DSG rate={rate:g}", "dsg", dict(zeta=rate)),
+         (f"DMAP zeta={zeta_of('dmap'):g}", "dmap", dict(zeta=zeta_of("dmap")))]
     sigmas = dmap.sd_sigmas(args.steps, sd.abar)
-    latent = (sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
+    latent = sd.latent(args.size)
 
     def noise(n, seed):
         g = torch.Generator(device).manual_seed(seed)
@@ -862,12 +965,16 @@ def parse_args(argv=None):
     r.add_argument("--grid", type=int, default=4, help="images in the figure of each operator")
     r.add_argument("--checkpointing", default="none", choices=dmap.CHECKPOINTING,
                    help="recompute activations in the backward pass (dmap.py --help)")
+    r.add_argument("--zeta", help="step sizes instead of dmap.py's defaults: a comma list of "
+                   "[OP/]METHOD=VALUE (dps=1.2,sr/dmap=2.4; NAME+cse takes NAME's unless given)")
     o.add_argument("--image", required=True, help="the reference image of the measurement")
     o.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
                    help="operator")
     o.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
     o.add_argument("--steps", type=int, default=50, help="sampling steps")
-    o.add_argument("--zetas", help="DPS step sizes, comma list (default: the paper's x 1/4, 1, "
+    o.add_argument("--zeta", help="dps, dsg and dmap step sizes instead of dmap.py's "
+                   "defaults, as for run (dps=1.2,dsg=0.1,dmap=2.4)")
+    o.add_argument("--zetas", help="DPS step sizes, comma list (default: DPS's zeta x 1/4, 1, "
                    "4)")
     o.add_argument("--trajectories", type=int, default=4, help="CSE trajectories (Obs. I)")
     o.add_argument("--every", type=int, default=1, help="score errors every this many steps")
@@ -877,6 +984,7 @@ def parse_args(argv=None):
     o.add_argument("--k", type=int, default=50, help="samples per method (Obs. III)")
     o.add_argument("--batch", type=int, default=8, help="samples at once")
     for q in (r, o):
+        dmap.add_operator_flags(q)
         q.add_argument("--model", default=os.environ.get("SD2_MODEL",
                                                          "./weights/stable-diffusion-2-base"),
                        help="SD 2.0 pipeline folder or single .safetensors file ($SD2_MODEL)")

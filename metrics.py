@@ -7,10 +7,11 @@ RGB channel, K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the p
 window lies inside the image. Both equal scikit-image's `skimage.metrics` with the settings
 named in each docstring (tests/test_metrics.py); (3) the Frechet distance and KID between two
 sets of features, the distances FID and KID compute on Inception features (tested against
-closed forms and pytorch-fid's sqrtm form); (4) the two networks of LPIPS and FID, written in
-plain torch with the layer names of the community weight files, so the very files that the
-`lpips` and `pytorch-fid` packages load give the very numbers they give (tests/test_metric_nets.py
-compares both, on random weights, with the packages themselves).
+closed forms and pytorch-fid's sqrtm form), and the sliced Wasserstein distance between two
+sample sets; (4) the two networks of LPIPS and FID, written in plain torch with the layer
+names of the community weight files, so the very files that the `lpips` and `pytorch-fid`
+packages load give the very numbers they give (tests/test_metric_nets.py compares both, on
+random weights, with the packages themselves).
 """
 
 import os
@@ -97,6 +98,18 @@ def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1
         values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
                       - 2 * kxy.mean())
     return float(np.mean(values)), float(np.std(values))
+
+
+def sliced_wasserstein(a, b, n_slices=100, generator=None) -> float:
+    """Sliced Wasserstein distance between two sample sets (n, d) of torch tensors: the mean
+    over n_slices random unit directions of the 1-D W1 between the projections (MCGdiff's
+    sliced_wasserstein, docs/gmm_benchmark.md §1.6); equal sample sizes: W1 = mean |sorted
+    diff|. toy_gmm.py's metric, and eval.py's distribution metric that needs no network."""
+    assert a.shape == b.shape, f"equal sample sets needed, got {a.shape} and {b.shape}"
+    theta = torch.randn(a.shape[1], n_slices, generator=generator, dtype=a.dtype)
+    theta = theta / theta.norm(dim=0)
+    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
+    return (pa - pb).abs().mean().item()
 
 
 # ---------------------------------------------------------------------------------------------

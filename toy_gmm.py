@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import dmap
+import metrics
 import plot
 
 F64 = torch.float64
@@ -366,17 +367,6 @@ def implied_score(name, prior, A_mat, y, x, sigma, sigma_next, seed, repeats=16,
                               repeats=repeats, seed=seed, parts=parts, **hyper)
 
 
-def sliced_wasserstein(a, b, n_slices=100, generator=None) -> float:
-    """Mean over n_slices random unit directions of the 1-D W1 between the projections
-    (MCGdiff's sliced_wasserstein, docs/gmm_benchmark.md §1.6); equal sample sizes: W1 = mean
-    |sorted diff|."""
-    assert a.shape == b.shape, f"equal sample sets needed, got {a.shape} and {b.shape}"
-    theta = torch.randn(a.shape[1], n_slices, generator=generator, dtype=a.dtype)
-    theta = theta / theta.norm(dim=0)
-    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
-    return (pa - pb).abs().mean().item()
-
-
 # ---------------------------------------------------------------------------------------------
 # (3) Fig. 8 (Appendix A.4): two modes, the first coordinate observed
 # ---------------------------------------------------------------------------------------------
@@ -564,14 +554,16 @@ def dps_protocol(prior: GMM | LowRankGMM, x, y, A, abars, *, zeta=ZETA_PROTOCOL,
         q = prior.scaled(at**0.5, (1 - at) ** 0.5)  # q_t, the law of x_vp
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            x0_hat = (xg + (1 - at) * q.score(xg)) / at**0.5
+            x0_hat = torch.add(xg, q.score(xg), alpha=1 - at) / at**0.5  # Tweedie in VP
             err = (A(x0_hat) - y).norm(dim=1)
             (grad,) = torch.autograd.grad(err.pow(2).sum(), xg)
         c_x = (at / ap) ** 0.5 * (1 - ap) / (1 - at)  # coeff_sample
         c_0 = ap**0.5 * (1 - at / ap) / (1 - at)  # coeff_pred_x0
         noise = eta * ((1 - ap) / (1 - at) * (1 - at / ap)) ** 0.5
         step = torch.where(err > 0, zeta / err, 0.0)[:, None]  # zeta / err, 0 at err = 0
-        x = c_x * x + c_0 * x0_hat.detach() + noise * dmap.noise_like(x, generator) - grad * step
+        # c_x x + c_0 x0_hat + noise eps - step grad (torch.add(a, b, alpha=c): a + c b, one pass)
+        x = torch.add(c_x * x, x0_hat.detach(), alpha=c_0)
+        x = torch.addcmul(x.add(dmap.noise_like(x, generator), alpha=noise), grad, step, value=-1)
         if callback is not None:
             callback(dict(i=t))
     return x
@@ -664,7 +656,7 @@ def bench_cell(steps, eta, ind_steps, d, ind_dim, dy, ind_dy, weights, problems,
             seconds = (time.time() - t0) / len(group)
             for j, i in enumerate(group):
                 xi, ref = x[j * n:(j + 1) * n], refs[i]
-                sw = sliced_wasserstein(xi, ref, generator=torch.Generator().manual_seed(i))
+                sw = metrics.sliced_wasserstein(xi, ref, generator=torch.Generator().manual_seed(i))
                 yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=i, sigma_y=cell[i][3],
                            method=name, sw=sw, seconds=seconds,
                            std_ratio=(xi.std(0) / ref.std(0)).mean().item())
@@ -826,7 +818,7 @@ def cse_benchmark(d, dy, problems, n, seed, steps=20, eta=0.6, callback=None) ->
             x = float(sigmas[0]) * torch.randn(n, d, generator=g, dtype=F64)
             x = dmap.SAMPLERS[name](model.denoiser, x, problem[2].expand(n, dy), A, sigmas,
                                     generator=g, **hyper[name])
-            rows.append(dict(problem=i, method=label, sw=sliced_wasserstein(
+            rows.append(dict(problem=i, method=label, sw=metrics.sliced_wasserstein(
                 x, ref, generator=torch.Generator().manual_seed(i))))
             if callback is not None:
                 callback(label)

@@ -91,6 +91,19 @@ class UNetConfig:
                  f"{heads} or norm_num_groups {config.norm_num_groups}")
         return config
 
+    def to_diffusers(self) -> dict:
+        """The config.json that diffusers' UNet2DConditionModel (and from_diffusers) reads back;
+        the keys left out take the defaults from_diffusers accepts."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention]
+        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "down_block_types": down,
+                "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+                "block_out_channels": list(self.block_out_channels),
+                "layers_per_block": self.layers_per_block,
+                "attention_head_dim": list(self.num_heads),  # head counts, see num_heads
+                "cross_attention_dim": self.cross_attention_dim, "use_linear_projection": True,
+                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps}
+
 
 # diffusers UNet2DConditionModel options this UNet does not build: the one value accepted (their
 # default). `upcast_attention` is accepted and ignored, as diffusers' SDPA processor ignores it.

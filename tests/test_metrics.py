@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import skimage.data
 import skimage.metrics
+import torch
 from scipy.ndimage import gaussian_filter
 
 import metrics
@@ -76,3 +77,18 @@ def test_kid_is_the_unbiased_mmd():
     same = metrics.kid(rng.normal(size=(400, 4)), rng.normal(size=(400, 4)), 20, 100)[0]
     shifted = metrics.kid(rng.normal(size=(400, 4)), rng.normal(size=(400, 4)) + 0.5, 20, 100)[0]
     assert abs(same) < 0.05 < shifted
+
+
+def test_sliced_wasserstein():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(1000, 4, generator=g, dtype=torch.float64)
+    assert metrics.sliced_wasserstein(a, a) == 0
+    v = torch.tensor([3.0, 0.0, -4.0, 0.0], dtype=torch.float64)
+    # a shifted copy: each 1-D W1 is exactly |<v, theta>|
+    theta = torch.randn(4, 100, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = (v @ (theta / theta.norm(dim=0))).abs().mean().item()
+    sw = metrics.sliced_wasserstein(a + v, a, generator=torch.Generator().manual_seed(6))
+    assert abs(sw - expected) < 1e-12
+    # two independent samples of the same law: small, and far below the shift's ~ 0.5 |v| d^-1/2
+    b = torch.randn(1000, 4, generator=g, dtype=torch.float64)
+    assert metrics.sliced_wasserstein(a, b) < 0.1 < expected

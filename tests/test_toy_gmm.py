@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close
 
 import dmap
+import metrics
 import toy_gmm
 from toy_gmm import F64, GMM
 
@@ -219,21 +220,6 @@ def test_implied_score_of_dps():
     assert_close(score, prior.score(x, 1.0), 1e-12, what="ddpm")
 
 
-def test_sliced_wasserstein():
-    g = torch.Generator().manual_seed(5)
-    a = torch.randn(1000, 4, generator=g, dtype=F64)
-    assert toy_gmm.sliced_wasserstein(a, a) == 0
-    v = torch.tensor([3.0, 0.0, -4.0, 0.0], dtype=F64)
-    # a shifted copy: each 1-D W1 is exactly |<v, theta>|
-    theta = torch.randn(4, 100, generator=torch.Generator().manual_seed(6), dtype=F64)
-    expected = (v @ (theta / theta.norm(dim=0))).abs().mean().item()
-    sw = toy_gmm.sliced_wasserstein(a + v, a, generator=torch.Generator().manual_seed(6))
-    assert abs(sw - expected) < 1e-12
-    # two independent samples of the same law: small, and far below the shift's ~ 0.5 |v| d^-1/2
-    b = torch.randn(1000, 4, generator=g, dtype=F64)
-    assert toy_gmm.sliced_wasserstein(a, b) < 0.1 < expected
-
-
 def test_protocol_schedule():
     """The adapted 20-step schedule (docs/gmm_benchmark.md §1.4); the ends of the sigmas."""
     abar = toy_gmm.protocol_abar()
@@ -292,7 +278,7 @@ def test_exact_posterior_of_gaussian_prior_is_the_floor():
     post = prior.posterior(A_mat, y, 0.1)
     g = torch.Generator().manual_seed(10)
     a, b, c = post.sample(2000, g), post.sample(2000, g), prior.sample(2000, g)
-    assert toy_gmm.sliced_wasserstein(a, b) < 0.1 < toy_gmm.sliced_wasserstein(a, c)
+    assert metrics.sliced_wasserstein(a, b) < 0.1 < metrics.sliced_wasserstein(a, c)
 
 
 def test_quick_run(tmp_path):
