@@ -631,7 +631,10 @@ def grid(args, op: str, methods, images) -> Image.Image:
         paths = [os.path.join(args.out, op, "measurement", stem + ".png")] + \
             [os.path.join(args.out, op, m, stem + ".png") for m in methods] + \
             [os.path.join(args.out, "reference", stem + ".png")]
-        rows.append([Image.open(p) for p in paths])
+        images = [Image.open(p) for p in paths]
+        grow = max(1, 128 // images[0].width)  # small images drawn at 128 px or more
+        rows.append([im.resize((im.width * grow, im.height * grow), Image.NEAREST)
+                     for im in images])
         titles.append(["measurement"] + list(methods) + ["reference"])
     return plot.image_grid(rows, titles, title=f"{op}: {len(methods)} methods")
 

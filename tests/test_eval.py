@@ -20,6 +20,7 @@ from PIL import Image
 import dmap
 import eval as evaluation
 import metrics
+import operators
 import toy_gmm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,7 +216,41 @@ def test_batches_restore_every_image(setup, tmp_path):
         [0, 0, 2]
 
 
+def test_zeta_operator_flags_sw_and_measurement_fit(setup, tmp_path):
+    """--zeta sets the step of the method it names (op/method first, NAME+cse falls back to
+    NAME's), operator flags reach the operator, SW is metrics.sliced_wasserstein of the box-
+    filtered pixel vectors, and y_rmse is the measurement fit of the restoration."""
+    assert evaluation.zeta_for({"dps": 1.0, "blur/dps": 2.0}, "blur", "dps+cse") == 2.0
+    assert evaluation.zeta_for({"dps": 1.0, "blur/dps": 2.0}, "sr", "dps+cse") == 1.0
+    assert evaluation.zeta_for({"dps": 1.0}, "sr", "dmap") is None
+    out = tmp_path / "z"
+    assert evaluation.main(run_argv(setup, out, "--methods", "ddpm,dps", "--op", "sr,blur",
+                                    "--zeta", "dps=0.3,blur/dps=0.7", "--sr-factor", "4",
+                                    "--blur-std", "1.5", "--metrics", "psnr,sw")) == 0
+    record = json.loads((out / "blur" / "dps" / "chelsea.json").read_text())
+    assert record["sampler"]["zeta"] == 0.7 and record["operator"]["std"] == 1.5
+    record = json.loads((out / "sr" / "dps" / "chelsea.json").read_text())
+    assert record["sampler"]["zeta"] == 0.3 and record["operator"]["factor"] == 4
+    stems = ("astronaut", "camera", "chelsea")
+    ref = [np.asarray(Image.open(out / "reference" / f"{s}.png")) for s in stems]
+    pred = [np.asarray(Image.open(out / "sr" / "dps" / f"{s}.png")) for s in stems]
+    vectors = [torch.tensor(np.stack([a.reshape(64, 1, 64, 1, 3).astype(float).ravel() / 255
+                                      for a in images])) for images in (ref, pred)]
+    expected = metrics.sliced_wasserstein(*vectors, generator=torch.Generator().manual_seed(0))
+    assert table(out)["sr/dps"]["sw"]["value"] == pytest.approx(expected, rel=1e-12)
+    # y_rmse: the RMS of A(x) - y on [-1, 1]; the 8-bit image's fit is within rounding of it
+    op = operators.SR(size=64, factor=4)
+    x, y = (torch.tensor(a).permute(2, 0, 1)[None].float() / 127.5 - 1 for a in (pred[2],
+                                                                                  ref[2]))
+    fit = (op(x) - op(y)).pow(2).mean().sqrt().item()
+    assert record["y_rmse"] == pytest.approx(fit, abs=2 / 255)
+    assert "y RMSE" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--zeta", "dps"], "--zeta takes a comma list of NAME=VALUE"),
+    (["--zeta", "dpz=1"], "--zeta dpz: name a method"),
+    (["--blur-std", "2"], "--blur-std applies to --op blur, which this run does not"),
     (["--methods", "dps,wrong"], "unknown method wrong"),
     (["--methods", "dps+cse"], "needs a trained CSE"),
     (["--op", "sr,nope"], "unknown --op nope"),

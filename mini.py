@@ -1,0 +1,525 @@
+"""The paper's experiment in miniature: a prior learnt here from real photographs, every method,
+the CSE and the three observations, on a 2-core CPU in under an hour, with nothing downloaded.
+
+    python mini.py                  # every stage; a rerun skips each stage whose output exists
+    python mini.py --quick          # the same at toy sizes in a few minutes (the tests run it)
+
+No Stable Diffusion weights reach this project, so the paper's claims about a *learnt* prior on
+*real* images are checked here on a small one: 32 x 32 crops of the photographs that ship with
+scikit-image, a pixel-space UNet (unet.py at a small width, no VAE: a dmap.Pipeline whose vae
+is None) trained from scratch by cse.py's training loop (`--train unet`), ControlNet CSEs on it
+(cse.py), every method of the paper's Table 4 through `eval.py run`, and the observations of
+Sec. 3 through `eval.py observe`. Nothing is copied: this file only chooses settings, makes
+the data and writes the report.
+
+Stages, in order; each writes its folder under --out and is skipped when its output exists
+(the training and evaluation inside a stage resume where they stopped):
+  (1) data     random crops of the photographs, split by photograph (test crops never trained on)
+  (2) prior    the pixel-space UNet, trained from scratch; its held-out loss against the
+               untrained one's
+  (3) cse      ControlNets on the prior: 100 training crops per operator, 25 and 1000 for SR
+  (4) tune     zeta per method and operator: a sweep on a few training crops, the best PSNR
+  (5) eval     every method and operator on the held-out crops: Table 4's layout
+  (6) table6   SR with the CSEs of 25, 100 and 1000 crops (the paper's Table 6 question)
+  (7) observe  Fig. 1, Table 2 and Fig. 3 with the SR CSE as the reference conditional score
+  (8) report   report.md and report.json, the figures
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+
+import cse
+import dmap
+import eval as evaluation
+import metrics
+import plot
+from checkpoint import read_config
+from unet import UNet, UNetConfig
+
+# ---------------------------------------------------------------------------------------------
+# (1) The settings: the full run and the quick one
+# ---------------------------------------------------------------------------------------------
+
+# The colour photographs bundled with scikit-image that load without a download (checked on
+# scikit-image 0.26; colorwheel and logo are drawings, the rest are grey or need pooch), split
+# by photograph. The two test photographs are natural scenes like most of the training ones.
+PHOTOS = {"train": ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                    "immunohistochemistry", "retina"),
+          "test": ("chelsea", "coffee")}
+METHODS = ("ddpm", "dps", "dsg", "dmap", "dmap-same", "freedom", "resample", "psld", "cse",
+           "dps+cse", "dmap+cse")
+TUNED = ("dps", "dsg", "dmap", "dmap-same", "freedom", "resample", "psld")  # +cse: their base's
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = 32  # crop side in pixels
+    crop: tuple[float, float] = (0.15, 0.4)  # crop side / the photograph's short side, uniform
+    train_crops: int = 4000
+    test_crops: int = 100
+    tune_crops: int = 8
+    # the prior: 32 -> 16 -> 8 px levels, self-attention only at 8 x 8 (and in the mid block)
+    unet: UNetConfig = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(64, 128, 128),
+                                  layers_per_block=1, num_heads=(1, 2, 2),
+                                  attention=(False, False, True), cross_attention_dim=32,
+                                  norm_num_groups=16)
+    prior_steps: int = 1500
+    prior_batch: int = 64
+    prior_lr: float = 1e-3
+    cse_steps: int = 300
+    cse_batch: int = 32
+    cse_lr: float = 1e-4
+    cse_images: tuple[int, ...] = (25, 100, 1000)  # SR; the other operators: 100
+    # operators at 32 px: SR x4 (8 x 8 measurements), Gaussian blur of std 1 px (a 3 px blur
+    # at 512 seen through the crops' 2.4 - 6.4x downscaling), the centre box of a quarter side
+    ops: dict = field(default_factory=lambda: {"sr": ["--sr-factor", "4"],
+                                               "blur": ["--blur-std", "1.0"], "inpaint": []})
+    steps: int = 100  # sampling steps (DMAP same: half)
+    batch: int = 100  # images restored at once
+    # the zeta sweep: the values tried per method (the guidance rate for dsg)
+    grid: dict = field(default_factory=lambda: {
+        "dsg": (0.02, 0.05, 0.1, 0.2, 0.5), "default": (0.1, 0.2, 0.5, 1.0, 2.0)})
+    trajectories: int = 8  # observation I
+    k_mean: int = 1000  # observation II
+    k: int = 50  # observation III
+    seed: int = 0
+
+
+QUICK = Settings(size=16, train_crops=64, test_crops=6, tune_crops=2,
+                 unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                 layers_per_block=1, num_heads=(1, 2), attention=(False, True),
+                                 cross_attention_dim=8, norm_num_groups=8),
+                 prior_steps=40, prior_batch=16, prior_lr=2e-3, cse_steps=4, cse_batch=4,
+                 cse_images=(4, 8, 16), steps=8, batch=6,
+                 grid={"dsg": (0.1, 0.5), "default": (0.2, 1.0)}, trajectories=2, k_mean=16,
+                 k=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) The data: crops of the photographs, split by photograph
+# ---------------------------------------------------------------------------------------------
+
+
+def photograph(name: str) -> Image.Image:
+    import skimage.data  # here: only the data stage needs scikit-image
+
+    image = getattr(skimage.data, name)()
+    return Image.fromarray(image[0] if isinstance(image, tuple) else image)  # stereo: left
+
+
+def write_crops(folder: str, names, n: int, s: Settings, seed: int) -> None:
+    """n crops, the k-th from photograph names[k % len(names)]: a square of side U(s.crop)
+    times the short side at a uniform position, Lanczos-resized to s.size; k_name.png."""
+    rng = random.Random(seed)
+    os.makedirs(folder)
+    photos = {name: photograph(name) for name in names}
+    for k in range(n):
+        name = names[k % len(names)]
+        image = photos[name]
+        side = round(rng.uniform(*s.crop) * min(image.size))
+        left, top = rng.randint(0, image.width - side), rng.randint(0, image.height - side)
+        crop = image.crop((left, top, left + side, top + side)).resize((s.size, s.size),
+                                                                       Image.LANCZOS)
+        crop.save(os.path.join(folder, f"{k:05d}_{name}.png"))
+
+
+def make_data(out: str, s: Settings) -> dict:
+    """data/train (the prior's and the CSEs'), data/tune (the zeta sweep's, from the training
+    photographs), data/test (the evaluation's, from the test photographs only)."""
+    tmp = os.path.join(out, ".data")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part, names, n, seed in (("train", PHOTOS["train"], s.train_crops, s.seed),
+                                 ("tune", PHOTOS["train"], s.tune_crops, s.seed + 1),
+                                 ("test", PHOTOS["test"], s.test_crops, s.seed + 2)):
+        write_crops(os.path.join(tmp, part), names, n, s, seed)
+    split = dict(PHOTOS, crops=dict(train=s.train_crops, tune=s.tune_crops, test=s.test_crops),
+                 size=s.size, crop_side=s.crop)
+    with open(os.path.join(tmp, "split.json"), "w") as f:
+        json.dump(split, f, indent=2)
+    os.replace(tmp, os.path.join(out, "data"))  # whole or absent
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) The prior and the CSEs: cse.py's training loop
+# ---------------------------------------------------------------------------------------------
+
+# SD 2.0's DDPM schedule (scaled_linear 0.00085 .. 0.012, 1000 steps, epsilon): the samplers'
+# sigmas (dmap.sd_sigmas) and the paper's parameterisation carry over unchanged
+SCHEDULER = {"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+             "prediction_type": "epsilon"}
+
+
+def init_prior(folder: str, s: Settings) -> None:
+    """A pixel-space model folder (dmap.is_pixel_model): the UNet at PyTorch's default init,
+    seeded, and the scheduler."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        net = UNet(s.unet)
+    os.makedirs(os.path.join(folder, "unet"))
+    os.makedirs(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "unet", "config.json"), "w") as f:
+        json.dump(s.unet.to_diffusers(), f, indent=2)
+    safetensors.torch.save_file(net.state_dict(), os.path.join(
+        folder, "unet", "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER, f, indent=2)
+
+
+def held_out_loss(model: str, images: list[str], s: Settings) -> float:
+    """The epsilon-MSE of a pixel-space model on the given images, on fixed draws of t and
+    noise (the training loss, cse.batch_losses, on samples no run trains on)."""
+    sd = dmap.load_sd2(model)
+    context = dmap.encode_prompt(sd, "")
+    ks = range(10**9, 10**9 + 4 * len(images))
+    with torch.no_grad():
+        return cse.batch_losses(sd.unet, sd, context, images, None, None, ks, s.size, s.seed,
+                                contextlib.nullcontext).mean().item()
+
+
+def train(what: str, model: str, images: str, out: str, s: Settings, *extra) -> str:
+    """cse.py train (resumed where it stopped): the prior (`what` unet, every training crop) or
+    a CSE (`what` controlnet; extra: --op, its flags, --n). Returns the last checkpoint."""
+    unet_run = what == "unet"
+    argv = ["train", "--train", what, "--model", model, "--images", images, "--out", out,
+            "--size", str(s.size), "--seed", str(s.seed), "--device", "cpu", "--resume",
+            "--steps", str(s.prior_steps if unet_run else s.cse_steps),
+            "--batch", str(s.prior_batch if unet_run else s.cse_batch),
+            "--micro-batch", str(s.prior_batch if unet_run else s.cse_batch),
+            "--lr", str(s.prior_lr if unet_run else s.cse_lr),
+            "--checkpoint-every", "100", "--validate-every", "0", *extra]
+    if unet_run:
+        argv += ["--n", str(s.train_crops)]
+    return cse.train(cse.parse_args(argv))
+
+
+def train_prior(out: str, s: Settings) -> dict:
+    """prior/init (the untrained model folder), prior/checkpoint-N (the trained one, itself a
+    model folder), and the held-out loss of both on the test crops."""
+    init = os.path.join(out, "prior", "init")
+    if not os.path.isdir(init):
+        init_prior(init + ".tmp", s)
+        os.replace(init + ".tmp", init)
+    model = train("unet", init, os.path.join(out, "data", "train"), os.path.join(out, "prior"), s)
+    test = sorted(os.path.join(out, "data", "test", f)
+                  for f in os.listdir(os.path.join(out, "data", "test")))
+    return dict(model=model, losses=read_config(model, "prior.json")["losses"],
+                held_out=dict(untrained=held_out_loss(init, test, s),
+                              trained=held_out_loss(model, test, s)))
+
+
+def cse_runs(s: Settings) -> list[tuple[str, int]]:
+    """(operator, training crops) of every CSE: 100 per operator; for SR also the other sizes."""
+    return [(op, n) for op in s.ops for n in (s.cse_images if op == "sr" else
+                                                s.cse_images[1:2])]
+
+
+def train_cses(out: str, s: Settings, prior: str) -> dict:
+    """cse/OP-N/checkpoint-M for every cse_runs entry; {OP-N: checkpoint}."""
+    done = {}
+    for op, n in cse_runs(s):
+        print(f"CSE for {op} on {n} training crops", file=sys.stderr)
+        done[f"{op}-{n}"] = train("controlnet", prior, os.path.join(out, "data", "train"),
+                                  os.path.join(out, "cse", f"{op}-{n}"), s, "--op", op,
+                                  *s.ops[op], "--n", str(n))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) Tuning zeta, evaluating, the observations: eval.py
+# ---------------------------------------------------------------------------------------------
+
+
+def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: dict,
+            cses: dict | None = None, metrics="psnr,ssim,sw", n=None) -> dict:
+    """eval.py run (resumed where it stopped) -> its table.json's table."""
+    flags = [flag for op in ops for flag in s.ops[op]]
+    argv = ["run", "--images", images, "--out", out, "--op", ",".join(ops), "--methods",
+            ",".join(methods), "--model", prior, "--size", str(s.size), "--steps", str(s.steps),
+            "--batch", str(s.batch), "--seed", str(s.seed), "--metrics", metrics, "--device",
+            "cpu", "--n", str(n or 10**9), "--grid", "6", *flags]
+    if zeta:
+        argv += ["--zeta", ",".join(f"{k}={v:g}" for k, v in zeta.items())]
+    if cses:
+        argv += ["--cse", ",".join(f"{op}={path}" for op, path in cses.items())]
+    evaluation.run(evaluation.parse_args(argv))
+    with open(os.path.join(out, "table.json")) as f:
+        return json.load(f)["table"]
+
+
+def tune(out: str, s: Settings, prior: str) -> dict:
+    """For each operator and method of TUNED, the zeta of s.grid with the best mean PSNR on the
+    tune crops (training photographs); -> {"zeta": {op/method: zeta}, "sweep": {..: PSNR}}."""
+    zeta, sweep = {}, {}
+    for op in s.ops:
+        for method in TUNED:
+            psnr = {}
+            for z in s.grid.get(method, s.grid["default"]):
+                folder = os.path.join(out, "tune", op, method, f"zeta{z:g}")
+                table = restore(os.path.join(out, "data", "tune"), folder, s, prior, [op],
+                                [method], {method: z}, metrics="psnr")
+                psnr[z] = table[f"{op}/{method}"]["psnr"]["mean"]
+            sweep[f"{op}/{method}"] = {f"{z:g}": v for z, v in psnr.items()}
+            zeta[f"{op}/{method}"] = max(psnr, key=psnr.get)
+    return dict(zeta=zeta, sweep=sweep)
+
+
+def community_metrics(folder: str | None) -> str:
+    """lpips,fid,kid when the three community weight files are in `folder` or torch.hub's
+    checkpoints folder (nothing is downloaded); else nothing."""
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    found = all(any(os.path.isfile(os.path.join(d, name)) for d in (folder, hub) if d)
+                for name in metrics.WEIGHTS)
+    return ",lpips,fid,kid" if found else ""
+
+
+def evaluate(out: str, s: Settings, prior: str, cses: dict, zeta: dict, extra: str) -> dict:
+    """Every method and operator on the test crops, with the tuned zetas and the 100-crop CSEs."""
+    n = s.cse_images[1]
+    return restore(os.path.join(out, "data", "test"), os.path.join(out, "eval"), s, prior,
+                   list(s.ops), METHODS, zeta, {op: cses[f"{op}-{n}"] for op in s.ops},
+                   "psnr,ssim,sw" + extra)
+
+
+def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, extra: str) -> dict:
+    """SR by the CSE methods with the CSEs of the other training-set sizes (the 100-crop one is
+    in the eval stage's table); {crops: {method: summary}}."""
+    rows = {}
+    for n in s.cse_images:
+        if n == s.cse_images[1]:
+            continue
+        table = restore(os.path.join(out, "data", "test"), os.path.join(out, "table6", str(n)),
+                        s, prior, ["sr"], ("cse", "dps+cse", "dmap+cse"), zeta,
+                        {"sr": cses[f"sr-{n}"]}, "psnr,ssim,sw" + extra)
+        rows[str(n)] = {key.split("/")[1]: v for key, v in table.items()}
+    return rows
+
+
+def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
+    """eval.py observe on the first test crop, SR, the 100-crop CSE as the reference."""
+    first = sorted(os.listdir(os.path.join(out, "data", "test")))[0]
+    given = {m: zeta[f"sr/{m}"] for m in ("dps", "dsg", "dmap")}
+    folder = os.path.join(out, "observe")
+    evaluation.observe(evaluation.parse_args([
+        "observe", "--image", os.path.join(out, "data", "test", first), "--op", "sr",
+        *s.ops["sr"], "--cse", cses[f"sr-{s.cse_images[1]}"], "--model", prior, "--size",
+        str(s.size), "--steps", str(s.steps), "--zeta", ",".join(f"{k}={v:g}" for k, v in
+                                                                 given.items()),
+        "--trajectories", str(s.trajectories), "--k-mean", str(s.k_mean), "--k", str(s.k),
+        "--batch", str(max(s.k, s.trajectories)), "--seed", str(s.seed), "--device", "cpu",
+        "--out", folder]))
+    done = {}
+    for name in ("observation_1", "observation_2"):
+        with open(os.path.join(folder, name + ".json")) as f:
+            done[name] = json.load(f)
+    done["observation_3"] = {f.removeprefix("observation_3_").removesuffix(".npy").replace(
+        "_", " "): float(np.load(os.path.join(folder, f)).mean())
+        for f in sorted(os.listdir(folder)) if f.endswith(".npy")}
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The report
+# ---------------------------------------------------------------------------------------------
+
+
+def moving_average(values, width: int) -> np.ndarray:
+    v = np.asarray(values, float)
+    width = max(1, min(width, len(v)))
+    return np.convolve(v, np.ones(width) / width, mode="valid")
+
+
+def figures(out: str, s: Settings, r: dict) -> dict:
+    """prior_loss.png: the training losses (moving averages of 50 steps); prior_samples.png:
+    unconditional samples of the prior beside held-out test crops."""
+    curves = {"prior": r["prior"]["losses"]}
+    for name, model in r["cse"].items():
+        curves[f"CSE {name}"] = read_config(os.path.join(out, model), "cse.json")["losses"]
+    smooth = {k: moving_average(v, 50) for k, v in curves.items()}
+    loss = plot.line_plot({k: (np.arange(len(v)) + 1, v) for k, v in smooth.items()},
+                          logy=True, xlabel="optimizer step", ylabel="epsilon MSE",
+                          title="training loss (moving average of 50 steps)")
+    sd = dmap.load_sd2(os.path.join(out, r["prior"]["model"]))
+    denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
+    g = torch.Generator().manual_seed(s.seed)
+    sigmas = dmap.sd_sigmas(s.steps, sd.abar)
+    x = sigmas[0].item() * torch.randn(16, *sd.latent(s.size), generator=g)
+    samples = dmap.ddpm(denoiser, x, None, None, sigmas, generator=g)
+    test = sorted(os.listdir(os.path.join(out, "data", "test")))[:16]
+    real = [np.asarray(Image.open(os.path.join(out, "data", "test", f)).convert("RGB"))
+            for f in test]
+    big = 4 if s.size <= 32 else 1  # 32 px panels drawn at 128
+
+    def grow(a):
+        return Image.fromarray(a).resize((a.shape[1] * big, a.shape[0] * big), Image.NEAREST)
+
+    rows = [[grow(dmap.to_uint8(samples[i:i + 1])) for i in range(k, k + 8)] for k in (0, 8)]
+    rows += [[grow(a) for a in real[k:k + 8]] for k in (0, 8)]
+    titles = [["sample"] * 8] * 2 + [["test crop"] * 8] * 2
+    grid = plot.image_grid(rows, titles, title=f"The prior's samples ({s.steps} DDPM steps) and "
+                           "held-out test crops")
+    return {"prior_loss.png": loss, "prior_samples.png": grid}
+
+
+def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
+    """report.md: the machine, every stage's time, then each stage's numbers."""
+    lines = ["# The paper's experiment in miniature (mini.py)", "",
+             f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"code {evaluation.code_version()}", "",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
+    lines += [f"| all | {sum(seconds.values()):.0f} |", "",
+              "## Data", "",
+              f"{s.size} x {s.size} crops, side U{s.crop} of the short side, Lanczos; "
+              f"train ({s.train_crops} crops) and tune ({s.tune_crops}): "
+              f"{', '.join(PHOTOS['train'])}; test ({s.test_crops}): "
+              f"{', '.join(PHOTOS['test'])}", "", "## Prior", "",
+              f"UNet {s.unet.block_out_channels}, {s.prior_steps} steps of {s.prior_batch}, "
+              f"AdamW lr {s.prior_lr:g}; epsilon MSE on the test crops (fixed t and noise): "
+              f"untrained {r['prior']['held_out']['untrained']:.4f}, trained "
+              f"{r['prior']['held_out']['trained']:.4f}", "", "## zeta sweep (mean PSNR on the "
+              f"{s.tune_crops} tune crops; chosen in bold)", "",
+              "| operator/method | " + " | ".join(f"zeta {i + 1}" for i in range(len(
+                  s.grid["default"]))) + " |", "|---|" + "---|" * len(s.grid["default"])]
+    for key, psnr in r["tune"]["sweep"].items():
+        best = f"{r['tune']['zeta'][key]:g}"
+        lines.append(f"| {key} | " + " | ".join(
+            (f"**{z}: {v:.2f}**" if z == best else f"{z}: {v:.2f}") for z, v in psnr.items())
+            + " |")
+    with open(os.path.join(out, "eval", "table.md")) as f:
+        lines += ["", "## Table 4 in miniature", "", f.read()]
+    lines += ["## Table 6 in miniature: SR, CSEs trained on 25, 100, 1000 crops", "",
+              "| crops | method | PSNR | SSIM | SW x1e2 | y RMSE |", "|---|---|---|---|---|---|"]
+    n = str(s.cse_images[1])
+    with open(os.path.join(out, "eval", "table.json")) as f:
+        main = json.load(f)["table"]
+    by_size = dict(r["table6"], **{n: {m: main[f"sr/{m}"] for m in ("cse", "dps+cse",
+                                                                    "dmap+cse")}})
+    for crops in sorted(by_size, key=int):
+        for m, summary in by_size[crops].items():
+            lines.append(f"| {crops} | {m} | " + " | ".join(
+                evaluation.cell(summary, k) for k in ("psnr", "ssim", "sw", "y_rmse")) + " |")
+    with open(os.path.join(out, "observe", "observations.md")) as f:
+        lines += ["", f.read()]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) The command line
+# ---------------------------------------------------------------------------------------------
+
+STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "observe")
+
+
+def stage(name: str, out: str, s: Settings, r: dict, extra: str):
+    """Run one stage; its result (JSON-able, paths relative to out)."""
+    prior = os.path.join(out, r["prior"]["model"]) if "prior" in r else None
+    cses = {k: os.path.join(out, v) for k, v in r.get("cse", {}).items()}
+    zeta = r.get("tune", {}).get("zeta", {})
+    if name == "data":
+        return make_data(out, s)
+    if name == "prior":
+        result = train_prior(out, s)
+        return dict(result, model=os.path.relpath(result["model"], out))
+    if name == "cse":
+        return {k: os.path.relpath(v, out) for k, v in train_cses(out, s, prior).items()}
+    if name == "tune":
+        return tune(out, s, prior)
+    if name == "eval":
+        return evaluate(out, s, prior, cses, zeta, extra)
+    if name == "table6":
+        return table6(out, s, prior, cses, zeta, extra)
+    return observe(out, s, prior, cses, zeta)
+
+
+def run(args) -> str:
+    s = QUICK if args.quick else Settings()
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    os.makedirs(out, exist_ok=True)
+    settings = json.loads(json.dumps(asdict(s)))
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != settings:
+                raise ValueError(f"{out} holds a run with other settings (--quick differs?); "
+                                 "use another --out")
+    else:
+        evaluation.write_json(path, settings)
+    extra = community_metrics(args.metric_weights)
+    r, seconds = {}, {}
+    timing = os.path.join(out, "stages.json")
+    if os.path.exists(timing):
+        with open(timing) as f:
+            seconds = json.load(f)
+    for k, name in enumerate(STAGES):
+        result = os.path.join(out, f"{name}.json")
+        if os.path.exists(result):
+            with open(result) as f:
+                r[name] = json.load(f)
+            print(f"[{k + 1}/{len(STAGES)}] {name}: done before, skipped", file=sys.stderr)
+            continue
+        print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
+        t0 = time.perf_counter()
+        r[name] = stage(name, out, s, r, extra)
+        evaluation.write_json(result, r[name])
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        evaluation.write_json(timing, seconds)
+    for name, image in figures(out, s, r).items():
+        dmap.write_atomic(os.path.join(out, name), image.save)
+    text = markdown(s, r, seconds, out)
+    evaluation.write_text(os.path.join(out, "report.md"), text)
+    evaluation.write_json(os.path.join(out, "report.json"), dict(settings=settings,
+                                                                 seconds=seconds, **r))
+    print(text)
+    return f"wrote {os.path.join(out, 'report.md')} in {sum(seconds.values()):.0f} s of stages"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/mini", help="output folder (a rerun resumes it; "
+                   "default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="toy sizes, a few minutes; numbers not "
+                   "meaningful (the tests run it)")
+    p.add_argument("--metric-weights", help="folder of the LPIPS and FID weight files; with all "
+                   "three there (or in $TORCH_HOME/hub/checkpoints) the tables add LPIPS, FID "
+                   "and KID (default: without them)")
+    args = p.parse_args(argv)
+    try:
+        done = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted {e.args[0] if e.args else ''}; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    print(done, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""mini.py and the pixel-space models it is built on: a pixel-space model folder loads in
+diffusers and in dmap.load_sd2 (no VAE, no text encoder), `cse.py train --train unet` trains
+its UNet and resumes exactly, and `mini.py --quick` runs every stage, with numbers that must
+hold even at that size, and skips every stage on a rerun."""
+
+import json
+import os
+import shutil
+
+import pytest
+import skimage.data
+import torch
+from conftest import assert_close
+from PIL import Image
+
+import cse
+import dmap
+import mini
+
+TINY_PIXEL = mini.QUICK.unet  # (16, 32) channels, attention at the second level
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    """An untrained pixel-space model folder and a folder of 24 crops of photographs."""
+    root = tmp_path_factory.mktemp("pixel")
+    mini.init_prior(str(root / "model"), mini.QUICK)
+    photos = root / "photos"
+    photos.mkdir()
+    for k, name in enumerate(("astronaut", "coffee", "rocket") * 8):
+        a = getattr(skimage.data, name)()
+        Image.fromarray(a[16 * k:16 * k + 64, 16 * k:16 * k + 64]).save(photos / f"{k:02d}.png")
+    return str(root / "model"), str(photos)
+
+
+def test_pixel_model_loads_in_diffusers_and_dmap(prior):
+    from diffusers import UNet2DConditionModel
+
+    model, _ = prior
+    sd = dmap.load_sd2(model)
+    assert sd.vae is None and sd.text_encoder is None and sd.latent(16) == (3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert sd.decode(x) is x and sd.encode(x) is x  # pixel space: the latent is the image
+    context = dmap.encode_prompt(sd, "")
+    assert context.shape == (1, 1, TINY_PIXEL.cross_attention_dim) and not context.any()
+    theirs = UNet2DConditionModel.from_pretrained(os.path.join(model, "unet")).eval()
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        ours = sd.unet(x, t, context.expand(2, -1, -1))
+        ref = theirs(x, t, encoder_hidden_states=context.expand(2, -1, -1)).sample
+    assert_close(ours, ref, 1e-5, what="pixel UNet vs diffusers")
+    with pytest.raises(ValueError, match="no text encoder"):
+        dmap.encode_prompt(sd, "a cat")
+
+
+def train_argv(prior, out, *extra):
+    model, photos = prior
+    return ["train", "--train", "unet", "--model", model, "--images", photos, "--out", str(out),
+            "--size", "16", "--n", "24", "--batch", "8", "--micro-batch", "4", "--lr", "2e-3",
+            "--steps", "3", "--checkpoint-every", "1", "--validate-every", "0", "--device", "cpu",
+            *extra]
+
+
+def test_train_unet_learns_resumes_exactly_and_is_a_model(prior, tmp_path):
+    model, photos = prior
+    images = sorted(os.path.join(photos, f) for f in os.listdir(photos))
+    assert cse.main(train_argv(prior, tmp_path / "a", "--steps", "30",
+                               "--checkpoint-every", "30")) == 0
+    trained = str(tmp_path / "a" / "checkpoint-30")
+    before, after = (mini.held_out_loss(m, images, mini.QUICK) for m in (model, trained))
+    assert after < 0.7 * before, (before, after)
+    info = json.load(open(os.path.join(trained, "prior.json")))
+    assert info["train"] == "unet" and len(info["losses"]) == 30 and info["op"] is None
+    assert dmap.load_sd2(trained).vae is None  # the checkpoint is itself a model folder
+    # killed after step 2 and resumed = 3 uninterrupted steps, bit for bit
+    assert cse.main(train_argv(prior, tmp_path / "b")) == 0
+    assert cse.main(train_argv(prior, tmp_path / "c", "--steps", "2")) == 0
+    shutil.rmtree(tmp_path / "c" / "checkpoint-1")
+    assert cse.main(train_argv(prior, tmp_path / "c", "--resume")) == 0
+    a, b = (dmap.load_sd2(str(tmp_path / r / "checkpoint-3")).unet.state_dict() for r in "bc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = json.load(open(tmp_path / "c" / "checkpoint-3" / "prior.json"))["losses"]
+    assert c == json.load(open(tmp_path / "b" / "checkpoint-3" / "prior.json"))["losses"]
+
+
+def test_train_unet_refuses_what_it_cannot_train(prior, tmp_path, capsys):
+    model, photos = prior
+    assert cse.main(train_argv((photos, photos), tmp_path / "x")) == 2
+    assert "is not one" in capsys.readouterr().err  # not a pixel-space model folder
+    assert cse.main(train_argv(prior, tmp_path / "y")) == 0
+    assert cse.main(train_argv(prior, tmp_path / "y", "--resume", "--train", "controlnet")) == 2
+    assert "no cse.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """`python mini.py --quick`, once."""
+    out = tmp_path_factory.mktemp("mini") / "run"
+    assert mini.main(["--quick", "--out", str(out)]) == 0
+    with open(out / "report.json") as f:
+        return out, json.load(f)
+
+
+def test_quick_run_has_every_stage_and_row(quick):
+    out, report = quick
+    assert set(mini.STAGES) <= set(report["seconds"])
+    table = report["eval"]
+    assert set(table) == {f"{op}/{m}" for op in mini.QUICK.ops for m in mini.METHODS}
+    assert set(report["tune"]["zeta"]) == {f"{op}/{m}" for op in mini.QUICK.ops
+                                           for m in mini.TUNED}
+    text = (out / "report.md").read_text()
+    for m in mini.METHODS:
+        assert f"| {m} |" in text
+    for name in ("prior_loss.png", "prior_samples.png", "observe/observation_1.png",
+                 "eval/sr/grid.png"):
+        assert Image.open(out / name).width > 100
+
+
+def test_quick_run_numbers_that_hold_at_any_size(quick):
+    _, report = quick
+    held = report["prior"]["held_out"]
+    assert held["trained"] < 0.7 * held["untrained"], held  # the prior learnt something
+    for op in mini.QUICK.ops:  # guided methods fit y far better than the unguided sampler
+        unguided = report["eval"][f"{op}/ddpm"]["y_rmse"]["mean"]
+        for m in ("dps", "dmap", "resample"):
+            assert report["eval"][f"{op}/{m}"]["y_rmse"]["mean"] < 0.5 * unguided, (op, m)
+
+
+def test_quick_rerun_skips_every_stage(quick, capsys):
+    out, report = quick
+    assert mini.main(["--quick", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, skipped") == len(mini.STAGES)
+    with open(out / "report.json") as f:
+        assert json.load(f)["eval"] == report["eval"]
+
+
+def test_bad_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert mini.main(["--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
