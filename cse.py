@@ -45,7 +45,7 @@ import operators
 import plot
 import vae
 from checkpoint import find_weights, load_state, read_config
-from unet import TINY, UNet, UNetConfig, UNetEncoder, ldm_unet_key, load_unet
+from unet import TINY, UNet, UNetConfig, UNetEncoder, layout, ldm_unet_key, load_unet
 
 # ---------------------------------------------------------------------------------------------
 # (1) The config: the UNet's encoder half plus the hint embedding
@@ -203,7 +203,7 @@ def from_unet(unet: UNet, conditioning_channels: int = 3,
         controlnet = ControlNet(cfg)
     for name in COPIED:
         getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
-    return controlnet
+    return layout(controlnet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def load_controlnet(folder: str, device=None, dtype=None) -> ControlNet:
     path = find_weights(folder, "diffusion_pytorch_model")
     with torch.device("meta"):
         model = ControlNet(cfg)
-    return load_state(model, path, lambda key: key, device, dtype)
+    return layout(load_state(model, path, lambda key: key, device, dtype))
 
 
 # Original ControlNet names (cldm.py ControlNet; docs/sd2_formats.md §3.2, diffusers
@@ -573,7 +573,7 @@ def last_checkpoint(out: str) -> str | None:
 # What a resumed run must share with the run it continues (--steps may grow, the micro-batch
 # and precision may change: they only change rounding).
 RESUME_MUST_MATCH = ("train", "op", "operator", "size", "images", "n", "data_seed", "seed",
-                     "batch", "lr", "prediction")
+                     "batch", "lr", "lr_schedule", "prediction")
 
 
 def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
@@ -584,9 +584,10 @@ def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
         raise ValueError(f"--resume: {path} holds no {INFO[what]}: it did not train a {what}; "
                          "use another --out")
     old = read_config(path, INFO[what])
-    bad = [f"{k} {old.get(k, 'controlnet' if k == 'train' else None)!r} (now {info[k]!r})"
-           for k in RESUME_MUST_MATCH
-           if old.get(k, "controlnet" if k == "train" else None) != info[k]]
+    defaults = {"train": "controlnet", "lr_schedule": "constant"}  # older records
+    keys = RESUME_MUST_MATCH + (("steps",) if info["lr_schedule"] == "cosine" else ())
+    bad = [f"{k} {old.get(k, defaults.get(k))!r} (now {info[k]!r})" for k in keys
+           if old.get(k, defaults.get(k)) != info[k]]
     if bad:
         raise ValueError(f"--resume: {path} was trained with {'; '.join(bad)}; use the same "
                          "settings, or another --out for a new run")
@@ -700,7 +701,7 @@ def train(args) -> str:
             frozen.requires_grad_(False)
     sd.unet.gradient_checkpointing = args.grad_checkpoint
     if prior:
-        net = sd.unet
+        net = sd.unet.requires_grad_(True)  # loaded frozen, as every network is
     else:
         halvings = round(math.log2(args.size // sd.latent(args.size)[-1]))
         with torch.random.fork_rng(devices=[]):  # the hint embedding's default init, seeded
@@ -714,6 +715,7 @@ def train(args) -> str:
                 operator=None if prior else {k: v for k, v in op_args.items() if k != "seed"},
                 size=args.size, images=os.path.abspath(args.images), n=len(images),
                 data_seed=args.data_seed, seed=args.seed, batch=B, lr=args.lr,
+                lr_schedule=args.lr_schedule, steps=args.steps,
                 prediction=sd.prediction, model=os.path.abspath(args.model),
                 train_images=[os.path.relpath(p, args.images) for p in images])
     done = resume(last, info, net, optimizer, device) if args.resume and last else {}
@@ -745,6 +747,9 @@ def train(args) -> str:
             if world > 1:
                 torch.distributed.all_reduce(total)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # max_grad_norm 1.0
+            for group in optimizer.param_groups:  # constant: the authors'; cosine: to 0
+                group["lr"] = args.lr if args.lr_schedule == "constant" else \
+                    args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = total.item() / B
@@ -853,7 +858,11 @@ def parse_args(argv=None):
                    "number of processes")
     t.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (per "
                    "process); the batch accumulates over them")
-    t.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate, constant")
+    t.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate")
+    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant (the authors'), or cosine decay to 0 at --steps (a prior "
+                   "trained from scratch: its last weights, not a noisy snapshot; a resumed "
+                   "run must then keep --steps)")
     t.add_argument("--bf16", action="store_true", help="frozen networks in bfloat16 and "
                    "bfloat16 autocast (fp32 master weights and optimizer)")
     t.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in "

@@ -27,6 +27,7 @@ Stages, in order; each writes its folder under --out and is skipped when its out
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import random
@@ -71,28 +72,30 @@ class Settings:
     test_crops: int = 100
     tune_crops: int = 8
     # the prior: 32 -> 16 -> 8 px levels, self-attention only at 8 x 8 (and in the mid block)
-    unet: UNetConfig = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(64, 128, 128),
-                                  layers_per_block=1, num_heads=(1, 2, 2),
+    unet: UNetConfig = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
+                                  layers_per_block=1, num_heads=(1, 1, 2),
                                   attention=(False, False, True), cross_attention_dim=32,
-                                  norm_num_groups=16)
-    prior_steps: int = 1500
+                                  norm_num_groups=8)
+    prior_steps: int = 600  # 8.5 min here
     prior_batch: int = 64
-    prior_lr: float = 1e-3
-    cse_steps: int = 300
+    prior_lr: float = 1e-3  # cosine decay to 0 (cse.py --lr-schedule cosine)
+    cse_steps: int = 300  # 2.3 min each here
     cse_batch: int = 32
-    cse_lr: float = 1e-4
+    cse_lr: float = 2e-4
     cse_images: tuple[int, ...] = (25, 100, 1000)  # SR; the other operators: 100
     # operators at 32 px: SR x4 (8 x 8 measurements), Gaussian blur of std 1 px (a 3 px blur
     # at 512 seen through the crops' 2.4 - 6.4x downscaling), the centre box of a quarter side
     ops: dict = field(default_factory=lambda: {"sr": ["--sr-factor", "4"],
                                                "blur": ["--blur-std", "1.0"], "inpaint": []})
-    steps: int = 100  # sampling steps (DMAP same: half)
+    steps: int = 25  # sampling steps (DMAP same: half); 500 in the paper
     batch: int = 100  # images restored at once
-    # the zeta sweep: the values tried per method (the guidance rate for dsg)
+    # the zeta sweep: the values tried per method (the guidance rate for dsg), found by hand to
+    # hold each method's best inside them on this prior
     grid: dict = field(default_factory=lambda: {
-        "dsg": (0.02, 0.05, 0.1, 0.2, 0.5), "default": (0.1, 0.2, 0.5, 1.0, 2.0)})
+        "dsg": (0.05, 0.1, 0.2, 0.5, 1.0), "default": (2.0, 4.0, 8.0, 16.0, 32.0)})
     trajectories: int = 8  # observation I
-    k_mean: int = 1000  # observation II
+    k_mean: int = 250  # observation II (the paper: 1000)
+    repeats: int = 4  # noise draws per point of the DSG and DMAP implied scores
     k: int = 50  # observation III
     seed: int = 0
 
@@ -101,10 +104,10 @@ QUICK = Settings(size=16, train_crops=64, test_crops=6, tune_crops=2,
                  unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32),
                                  layers_per_block=1, num_heads=(1, 2), attention=(False, True),
                                  cross_attention_dim=8, norm_num_groups=8),
-                 prior_steps=40, prior_batch=16, prior_lr=2e-3, cse_steps=4, cse_batch=4,
-                 cse_images=(4, 8, 16), steps=8, batch=6,
-                 grid={"dsg": (0.1, 0.5), "default": (0.2, 1.0)}, trajectories=2, k_mean=16,
-                 k=4)
+                 prior_steps=60, prior_batch=16, prior_lr=2e-3, cse_steps=4, cse_batch=4,
+                 cse_images=(4, 8, 16), steps=16, batch=6,
+                 grid={"dsg": (0.5, 1.0), "default": (32.0, 128.0)}, trajectories=2, k_mean=16,
+                 repeats=2, k=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def train(what: str, model: str, images: str, out: str, s: Settings, *extra) -> 
             "--steps", str(s.prior_steps if unet_run else s.cse_steps),
             "--batch", str(s.prior_batch if unet_run else s.cse_batch),
             "--micro-batch", str(s.prior_batch if unet_run else s.cse_batch),
-            "--lr", str(s.prior_lr if unet_run else s.cse_lr),
+            "--lr", str(s.prior_lr if unet_run else s.cse_lr), "--lr-schedule", "cosine",
             "--checkpoint-every", "100", "--validate-every", "0", *extra]
     if unet_run:
         argv += ["--n", str(s.train_crops)]
@@ -244,8 +247,9 @@ def train_cses(out: str, s: Settings, prior: str) -> dict:
 
 
 def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: dict,
-            cses: dict | None = None, metrics="psnr,ssim,sw", n=None) -> dict:
-    """eval.py run (resumed where it stopped) -> its table.json's table."""
+            cses: dict | None = None, metrics="psnr,ssim,sw", n=None, quiet=False) -> dict:
+    """eval.py run (resumed where it stopped) -> its table.json's table (quiet: without
+    printing it)."""
     flags = [flag for op in ops for flag in s.ops[op]]
     argv = ["run", "--images", images, "--out", out, "--op", ",".join(ops), "--methods",
             ",".join(methods), "--model", prior, "--size", str(s.size), "--steps", str(s.steps),
@@ -255,7 +259,8 @@ def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: 
         argv += ["--zeta", ",".join(f"{k}={v:g}" for k, v in zeta.items())]
     if cses:
         argv += ["--cse", ",".join(f"{op}={path}" for op, path in cses.items())]
-    evaluation.run(evaluation.parse_args(argv))
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        evaluation.run(evaluation.parse_args(argv))  # it prints its table
     with open(os.path.join(out, "table.json")) as f:
         return json.load(f)["table"]
 
@@ -270,7 +275,7 @@ def tune(out: str, s: Settings, prior: str) -> dict:
             for z in s.grid.get(method, s.grid["default"]):
                 folder = os.path.join(out, "tune", op, method, f"zeta{z:g}")
                 table = restore(os.path.join(out, "data", "tune"), folder, s, prior, [op],
-                                [method], {method: z}, metrics="psnr")
+                                [method], {method: z}, metrics="psnr", quiet=True)
                 psnr[z] = table[f"{op}/{method}"]["psnr"]["mean"]
             sweep[f"{op}/{method}"] = {f"{z:g}": v for z, v in psnr.items()}
             zeta[f"{op}/{method}"] = max(psnr, key=psnr.get)
@@ -319,6 +324,7 @@ def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
         str(s.size), "--steps", str(s.steps), "--zeta", ",".join(f"{k}={v:g}" for k, v in
                                                                  given.items()),
         "--trajectories", str(s.trajectories), "--k-mean", str(s.k_mean), "--k", str(s.k),
+        "--repeats", str(s.repeats),
         "--batch", str(max(s.k, s.trajectories)), "--seed", str(s.seed), "--device", "cpu",
         "--out", folder]))
     done = {}

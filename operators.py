@@ -143,13 +143,16 @@ class Convolution(Operator):
     Conv2d without bias, i.e. cross-correlation); subclasses register the (1, 1, k, k) buffer
     `kernel`."""
 
-    def __init__(self, size: int, kernel_size: int):
+    def __init__(self, size: int, kernel_size: int, reach: int | None = None):
+        """reach: how far the kernel's non-zero taps reach from its centre (kernel_size // 2
+        unless given); the reflect padding needs images larger than that."""
         super().__init__(size)
         if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
-        if size <= kernel_size // 2:
+        reach = kernel_size // 2 if reach is None else reach
+        if size <= reach:
             raise ValueError(f"a {kernel_size}x{kernel_size} blur needs images larger than "
-                             f"{kernel_size // 2} px (reflect padding), got {size}")
+                             f"{reach} px (reflect padding), got {size}")
 
     def forward(self, x):
         self.check(x)
@@ -178,16 +181,22 @@ def gaussian_kernel(kernel_size: int, std: float) -> torch.Tensor:
 
 
 class Blur(Convolution):
-    """Gaussian blur, 61x61, std 3.0 (official GaussialBlurOperator); centre tap 0.0176849."""
+    """Gaussian blur, 61x61, std 3.0 (official GaussialBlurOperator); centre tap 0.0176849.
+
+    The kernel's taps beyond radius r = int(4 std + 0.5) are zero, so it is applied as its
+    (2r + 1)^2 centre: the same image (the reflect padding a tap reaches is the same), at a
+    fraction of the cost (25x25 at std 3, 9x9 at std 1), and images need only be larger than r.
+    """
 
     def __init__(self, size: int = 512, kernel_size: int = 61, std: float = 3.0):
-        super().__init__(size, kernel_size)
         if not std > 0:
             raise ValueError(f"std must be > 0, got {std}")
-        if int(4.0 * std + 0.5) > kernel_size // 2:
+        r = int(4.0 * std + 0.5)
+        super().__init__(size, kernel_size, reach=r)
+        if r > kernel_size // 2:
             raise ValueError(f"std {std} is too wide for a {kernel_size}x{kernel_size} kernel: "
                              f"need int(4 std + 0.5) <= {kernel_size // 2}; raise kernel_size")
-        self.register_buffer("kernel", gaussian_kernel(kernel_size, std).float()[None, None])
+        self.register_buffer("kernel", gaussian_kernel(2 * r + 1, std).float()[None, None])
 
 
 def motion_kernel(kernel_size: int, intensity: float, rng: np.random.Generator) -> np.ndarray:

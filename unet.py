@@ -451,6 +451,14 @@ class UNet(UNetEncoder):
 # ---------------------------------------------------------------------------------------------
 
 
+def layout(net: UNetEncoder) -> UNetEncoder:
+    """A network on pixels (3 input channels: mini.py's small widths) runs on channels-last
+    maps, oneDNN's native layout: 1.3x faster for a 32-64 channel UNet at 32 px (measured on
+    a 2-core AMD EPYC); SD 2.0's latent UNet does not gain from it (README, Speed), so it keeps
+    the plain layout. Saved weights are made contiguous either way."""
+    return net.to(memory_format=torch.channels_last) if net.cfg.in_channels == 3 else net
+
+
 def load_unet(folder: str, device=None, dtype=None) -> UNet:
     """The UNet of a diffusers folder (config.json + diffusion_pytorch_model[.fp16].safetensors).
 
@@ -460,7 +468,7 @@ def load_unet(folder: str, device=None, dtype=None) -> UNet:
     path = find_weights(folder, "diffusion_pytorch_model")
     with torch.device("meta"):
         model = UNet(cfg)
-    return load_state(model, path, lambda key: key, device, dtype)
+    return layout(load_state(model, path, lambda key: key, device, dtype))
 
 
 # LDM single-file names -> ours (docs/sd2_formats.md §2.3, diffusers single_file_utils.py

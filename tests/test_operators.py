@@ -5,6 +5,7 @@ import pytest
 import scipy.ndimage
 import skimage.data
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 from PIL import Image
 from safetensors.torch import save_file
@@ -139,10 +140,16 @@ def test_gaussian_kernel_matches_scipy():
     delta = np.zeros((61, 61))
     delta[30, 30] = 1
     ref = scipy.ndimage.gaussian_filter(delta, sigma=3.0)  # the official Blurkernel
-    k = Blur().kernel[0, 0].double()
-    assert_close(k, torch.from_numpy(ref), 1e-6, what="Gaussian kernel vs scipy")
-    assert abs(k[30, 30] - 0.0176849) < 1e-7
+    k = Blur().kernel[0, 0].double()  # its 25 x 25 centre: every tap beyond radius 12 is 0
+    assert k.shape == (25, 25) and ref[:18].max() == ref[43:].max() == ref[:, :18].max() == 0
+    assert_close(k, torch.from_numpy(ref[18:43, 18:43]), 1e-6, what="Gaussian kernel vs scipy")
+    assert abs(k[12, 12] - 0.0176849) < 1e-7
     assert abs(k.sum() - 1) < 1e-6
+    # applied as its centre, the blur is the official 61 x 61 one
+    x = astronaut()[..., :64, 200:264].float()
+    full = torch.from_numpy(ref).float()[None, None].expand(3, -1, -1, -1)
+    official = F.conv2d(F.pad(x, (30, 30, 30, 30), mode="reflect"), full, groups=3)
+    assert_close(Blur(64)(x), official, 1e-6, what="centre vs 61 x 61 kernel")
 
 
 def test_blur_matches_scipy():
@@ -216,7 +223,7 @@ def test_kernel_wizard_safetensors_round_trip(tmp_path):
     (lambda: Blur(std=-1.0), "std must be > 0"),
     (lambda: Blur(std=0.0), "std must be > 0"),
     (lambda: Blur(kernel_size=15, std=3.0), "too wide for a 15x15 kernel"),
-    (lambda: Blur(size=20), "needs images larger than 30 px"),
+    (lambda: Blur(size=12), "needs images larger than 12 px"),  # the std-3 taps reach 12
     (lambda: MotionBlur(kernel_size=8), "kernel_size must be a positive odd integer, got 8"),
     (lambda: MotionBlur(intensity=1.5), r"intensity must be in \[0, 1\]"),
     (lambda: NonlinearBlur(100, weights=KernelWizard(TINY)), "divisible by 128, got 100"),
