@@ -476,12 +476,13 @@ def run(args) -> str:
         evaluation.write_json(path, settings)
     extra = community_metrics(args.metric_weights)
     r, seconds = {}, {}
-    timing = os.path.join(out, "stages.json")
+    os.makedirs(os.path.join(out, "stages"), exist_ok=True)
+    timing = os.path.join(out, "stages", "seconds.json")
     if os.path.exists(timing):
         with open(timing) as f:
             seconds = json.load(f)
     for k, name in enumerate(STAGES):
-        result = os.path.join(out, f"{name}.json")
+        result = os.path.join(out, "stages", f"{name}.json")  # the stage's result: done
         if os.path.exists(result):
             with open(result) as f:
                 r[name] = json.load(f)
