@@ -612,9 +612,9 @@ def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, st
     device, rows = context.device, []
     for r, path in enumerate(paths):
         x = dmap.read_image(path, size).to(device)
-        if controlnet is None:
-            y, denoiser, runs, row = None, dmap.SDDenoiser(sd.unet, context, sd.abar,
-                                                           sd.prediction), [("ddpm", {})], []
+        if controlnet is None:  # a prior: an unconditional sample
+            y, row, runs = None, [], [("ddpm", {})]
+            denoiser = dmap.SDDenoiser(sd.unet, context, sd.abar, sd.prediction)
         else:
             y = op(x)
             denoiser = CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y),

@@ -342,10 +342,11 @@ def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def moving_average(values, width: int) -> np.ndarray:
+def moving_average(values, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(step, mean of the `width` losses up to that step), steps counted from 1."""
     v = np.asarray(values, float)
     width = max(1, min(width, len(v)))
-    return np.convolve(v, np.ones(width) / width, mode="valid")
+    return np.arange(width, len(v) + 1), np.convolve(v, np.ones(width) / width, mode="valid")
 
 
 def figures(out: str, s: Settings, r: dict) -> dict:
@@ -354,9 +355,8 @@ def figures(out: str, s: Settings, r: dict) -> dict:
     curves = {"prior": r["prior"]["losses"]}
     for name, model in r["cse"].items():
         curves[f"CSE {name}"] = read_config(os.path.join(out, model), "cse.json")["losses"]
-    smooth = {k: moving_average(v, 50) for k, v in curves.items()}
-    loss = plot.line_plot({k: (np.arange(len(v)) + 1, v) for k, v in smooth.items()},
-                          logy=True, xlabel="optimizer step", ylabel="epsilon MSE",
+    loss = plot.line_plot({k: moving_average(v, 50) for k, v in curves.items()}, logy=True,
+                          xlabel="optimizer step", ylabel="epsilon MSE",
                           title="training loss (moving average of 50 steps)")
     sd = dmap.load_sd2(os.path.join(out, r["prior"]["model"]))
     denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)

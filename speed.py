@@ -380,7 +380,8 @@ def benchmark(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if "cse" in args.methods:
         raise ValueError("the benchmark times the samplers on SD 2.0 itself; drop the CSE methods")
-    methods = evaluation.parse_methods(args.methods, has_cse=False)
+    plain = argparse.Namespace(methods=args.methods, zeta=None, cse=None)
+    methods = evaluation.parse_methods(plain, ops=[])
     report = dict(machine=machine(device), size=args.size, dtype=args.dtype, steps=args.steps,
                   torch=torch.__version__, random_weights=args.model is None)
     if device.type == "cpu" and dtype != torch.float32 and not report["machine"]["native_bf16"]:

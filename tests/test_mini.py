@@ -73,7 +73,9 @@ def test_train_unet_learns_resumes_exactly_and_is_a_model(prior, tmp_path):
     assert info["train"] == "unet" and len(info["losses"]) == 30 and info["op"] is None
     assert dmap.load_sd2(trained).vae is None  # the checkpoint is itself a model folder
     # killed after step 2 and resumed = 3 uninterrupted steps, bit for bit
-    assert cse.main(train_argv(prior, tmp_path / "b")) == 0
+    assert cse.main(train_argv(prior, tmp_path / "b", "--validate-every", "3",
+                               "--validation-steps", "2")) == 0
+    assert Image.open(tmp_path / "b" / "validation-3.png").width > 2 * 16  # sample | image
     assert cse.main(train_argv(prior, tmp_path / "c", "--steps", "2")) == 0
     shutil.rmtree(tmp_path / "c" / "checkpoint-1")
     assert cse.main(train_argv(prior, tmp_path / "c", "--resume")) == 0

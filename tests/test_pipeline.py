@@ -132,7 +132,8 @@ def test_cli_end_to_end(pipeline, tmp_path, capsys):
         assert (out / f"astronaut_dps_sr_size64_steps4_zeta{zeta}.png").exists()
     assert dmap.main(args + ["--method", "ddpm", "--op", "blur", "--name", "plain"]) == 0
     record = json.loads((out / "plain.json").read_text())
-    assert record["sampler"] == dict(eta=1.0, steps=4) and record["operator"] == dict(size=64)
+    assert record["sampler"] == dict(eta=1.0, steps=4)
+    assert record["operator"] == dict(size=64, std=3.0)
     # PSLD takes the pixel operator and its adjoint; --observed reads the image as y
     assert dmap.main(args + ["--method", "psld", "--op", "inpaint_random"]) == 0
     assert dmap.main([str(out / f"{stem}_y.png"), "--observed", "--model", root, "--out",
@@ -276,7 +277,7 @@ def test_help_shows_every_default(capsys):
         dmap.parse_args(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     entries = re.split(r"\n  (?=--)", text)[1:]  # one per option, wrapped lines included
-    assert len(entries) == 30
+    assert len(entries) == 31
     for entry in entries:
         flag = entry.split()[0]
         assert "default" in entry or flag in ("--force", "--observed", "--no-crop"), flag
