@@ -129,6 +129,19 @@ def test_quick_run_numbers_that_hold_at_any_size(quick):
         assert sum(fit.values()) / len(fit) < 0.8 * unguided, (op, unguided, fit)
 
 
+def test_quick_run_pairs_the_claims(quick):
+    """The mean of per-crop differences is the difference of the table's means (same crops)."""
+    out, report = quick
+    for op in mini.QUICK.ops:
+        for a, b in mini.CLAIMS:
+            d = report["paired"][f"{op}/{a}-{b}"]
+            table = report["eval"]
+            assert d["n"] == mini.QUICK.test_crops and 0 <= d["wins"] <= d["n"]
+            assert abs(d["mean"] - (table[f"{op}/{a}"]["psnr"]["mean"]
+                                    - table[f"{op}/{b}"]["psnr"]["mean"])) < 1e-9
+    assert "| dmap - dps | " in (out / "report.md").read_text()
+
+
 def test_quick_rerun_skips_every_stage(quick, capsys):
     out, report = quick
     assert mini.main(["--quick", "--out", str(out)]) == 0
