@@ -2,7 +2,7 @@
 the CSE and the three observations, on a 2-core CPU in under an hour, with nothing downloaded.
 
     python mini.py                  # every stage; a rerun skips each stage whose output exists
-    python mini.py --quick          # the same at toy sizes in a few minutes (the tests run it)
+    python mini.py --quick          # the same at toy sizes in about a minute (the tests run it)
 
 No Stable Diffusion weights reach this project, so the paper's claims about a *learnt* prior on
 *real* images are checked here on a small one: 32 x 32 crops of the photographs that ship with
@@ -248,14 +248,14 @@ def train_cses(out: str, s: Settings, prior: str) -> dict:
 
 
 def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: dict,
-            cses: dict | None = None, metrics="psnr,ssim,sw", n=None, quiet=False) -> dict:
+            cses: dict | None = None, names="psnr,ssim,sw", quiet=False) -> dict:
     """eval.py run (resumed where it stopped) -> its table.json's table (quiet: without
     printing it)."""
     flags = [flag for op in ops for flag in s.ops[op]]
     argv = ["run", "--images", images, "--out", out, "--op", ",".join(ops), "--methods",
             ",".join(methods), "--model", prior, "--size", str(s.size), "--steps", str(s.steps),
-            "--batch", str(s.batch), "--seed", str(s.seed), "--metrics", metrics, "--device",
-            "cpu", "--n", str(n or 10**9), "--grid", "6", *flags]
+            "--batch", str(s.batch), "--seed", str(s.seed), "--metrics", names, "--device",
+            "cpu", "--grid", "6", *flags]
     if zeta:
         argv += ["--zeta", ",".join(f"{k}={v:g}" for k, v in zeta.items())]
     if cses:
@@ -276,7 +276,7 @@ def tune(out: str, s: Settings, prior: str) -> dict:
             for z in s.grid.get(method, s.grid["default"]):
                 folder = os.path.join(out, "tune", op, method, f"zeta{z:g}")
                 table = restore(os.path.join(out, "data", "tune"), folder, s, prior, [op],
-                                [method], {method: z}, metrics="psnr", quiet=True)
+                                [method], {method: z}, names="psnr", quiet=True)
                 psnr[z] = table[f"{op}/{method}"]["psnr"]["mean"]
             sweep[f"{op}/{method}"] = {f"{z:g}": v for z, v in psnr.items()}
             zeta[f"{op}/{method}"] = max(psnr, key=psnr.get)
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/mini", help="output folder (a rerun resumes it; "
                    "default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="toy sizes, a few minutes; numbers not "
+    p.add_argument("--quick", action="store_true", help="toy sizes, about a minute; numbers not "
                    "meaningful (the tests run it)")
     p.add_argument("--metric-weights", help="folder of the LPIPS and FID weight files; with all "
                    "three there (or in $TORCH_HOME/hub/checkpoints) the tables add LPIPS, FID "
