@@ -464,6 +464,9 @@ class Run:
 
     def __init__(self, args, device, dtype, cse_ops):
         self.args, self.device = args, device
+        if "lpips" in args.metrics.split(",") and args.size < metrics.LPIPS.MIN_SIZE:
+            raise ValueError(f"LPIPS needs images of at least {metrics.LPIPS.MIN_SIZE} px, and "
+                             f"--size is {args.size}: drop lpips from --metrics")
         self.scorer = Scorer(args.metrics.split(","), args.metric_weights, device)
         self.controlnets = {op: cse.load_cse(cse_for(args, op), op, args.size, device, dtype)[0]
                             for op in cse_ops}

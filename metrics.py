@@ -175,6 +175,8 @@ class LPIPS(nn.Module):
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
     TAPS = (1, 4, 7, 9, 11)  # the ReLUs after which lpips' slices 1-5 end
+    # the two 3 x 3 max-pools need 3 x 3 inputs, so conv1 (11, stride 4, pad 2) must give 7 x 7
+    MIN_SIZE = 31
 
     def __init__(self):
         super().__init__()
@@ -200,6 +202,10 @@ class LPIPS(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) pairs in [-1, 1] -> (N,) distances."""
+        if min(a.shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(f"LPIPS needs images of at least {self.MIN_SIZE} x {self.MIN_SIZE} "
+                             f"pixels, got {a.shape[-2]} x {a.shape[-1]}: drop lpips from "
+                             "--metrics")
         x = (torch.cat([a, b]) - self.shift) / self.scale
         total, k = 0, 0
         for i, layer in enumerate(self.features):

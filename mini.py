@@ -248,14 +248,14 @@ def train_cses(out: str, s: Settings, prior: str) -> dict:
 
 
 def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: dict,
-            cses: dict | None = None, names="psnr,ssim,sw", quiet=False) -> dict:
+            cses: dict | None = None, metric_flags=("--metrics", "psnr"), quiet=False) -> dict:
     """eval.py run (resumed where it stopped) -> its table.json's table (quiet: without
     printing it)."""
     flags = [flag for op in ops for flag in s.ops[op]]
     argv = ["run", "--images", images, "--out", out, "--op", ",".join(ops), "--methods",
             ",".join(methods), "--model", prior, "--size", str(s.size), "--steps", str(s.steps),
-            "--batch", str(s.batch), "--seed", str(s.seed), "--metrics", names, "--device",
-            "cpu", "--grid", "6", *flags]
+            "--batch", str(s.batch), "--seed", str(s.seed), "--device", "cpu", "--grid", "6",
+            *metric_flags, *flags]
     if zeta:
         argv += ["--zeta", ",".join(f"{k}={v:g}" for k, v in zeta.items())]
     if cses:
@@ -276,31 +276,40 @@ def tune(out: str, s: Settings, prior: str) -> dict:
             for z in s.grid.get(method, s.grid["default"]):
                 folder = os.path.join(out, "tune", op, method, f"zeta{z:g}")
                 table = restore(os.path.join(out, "data", "tune"), folder, s, prior, [op],
-                                [method], {method: z}, names="psnr", quiet=True)
+                                [method], {method: z}, quiet=True)
                 psnr[z] = table[f"{op}/{method}"]["psnr"]["mean"]
             sweep[f"{op}/{method}"] = {f"{z:g}": v for z, v in psnr.items()}
             zeta[f"{op}/{method}"] = max(psnr, key=psnr.get)
     return dict(zeta=zeta, sweep=sweep)
 
 
-def community_metrics(folder: str | None) -> str:
-    """lpips,fid,kid when the three community weight files are in `folder` or torch.hub's
-    checkpoints folder (nothing is downloaded); else nothing."""
+def table_metrics(folder: str | None, size: int) -> list[str]:
+    """eval.py run's metric flags for the tables: PSNR, SSIM and SW, and LPIPS (from 31 px),
+    FID and KID when the three community weight files are in `folder` (--metric-weights: all
+    must be there) or in torch.hub's checkpoints folder; nothing is downloaded."""
+    lpips = ",lpips" if size >= metrics.LPIPS.MIN_SIZE else ""
+    names = ["--metrics", f"psnr,ssim,sw{lpips},fid,kid"]
+    if folder:
+        missing = [n for n in metrics.WEIGHTS if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            raise ValueError(f"--metric-weights {folder}: no {missing[0]} there; it needs all "
+                             f"of {', '.join(metrics.WEIGHTS)}")
+        return names + ["--metric-weights", folder]
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    found = all(any(os.path.isfile(os.path.join(d, name)) for d in (folder, hub) if d)
-                for name in metrics.WEIGHTS)
-    return ",lpips,fid,kid" if found else ""
+    if all(os.path.isfile(os.path.join(hub, n)) for n in metrics.WEIGHTS):
+        return names
+    return ["--metrics", "psnr,ssim,sw"]
 
 
-def evaluate(out: str, s: Settings, prior: str, cses: dict, zeta: dict, extra: str) -> dict:
+def evaluate(out: str, s: Settings, prior: str, cses: dict, zeta: dict, metric_flags) -> dict:
     """Every method and operator on the test crops, with the tuned zetas and the 100-crop CSEs."""
     n = s.cse_images[1]
     return restore(os.path.join(out, "data", "test"), os.path.join(out, "eval"), s, prior,
                    list(s.ops), METHODS, zeta, {op: cses[f"{op}-{n}"] for op in s.ops},
-                   "psnr,ssim,sw" + extra)
+                   metric_flags)
 
 
-def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, extra: str) -> dict:
+def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, metric_flags) -> dict:
     """SR by the CSE methods with the CSEs of the other training-set sizes (the 100-crop one is
     in the eval stage's table); {crops: {method: summary}}."""
     rows = {}
@@ -309,7 +318,7 @@ def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, extra: str
             continue
         table = restore(os.path.join(out, "data", "test"), os.path.join(out, "table6", str(n)),
                         s, prior, ["sr"], ("cse", "dps+cse", "dmap+cse"), zeta,
-                        {"sr": cses[f"sr-{n}"]}, "psnr,ssim,sw" + extra)
+                        {"sr": cses[f"sr-{n}"]}, metric_flags)
         rows[str(n)] = {key.split("/")[1]: v for key, v in table.items()}
     return rows
 
@@ -470,7 +479,7 @@ def cpu_name() -> str:
 STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "observe")
 
 
-def stage(name: str, out: str, s: Settings, r: dict, extra: str):
+def stage(name: str, out: str, s: Settings, r: dict, metric_flags: list[str]):
     """Run one stage; its result (JSON-able, paths relative to out)."""
     prior = os.path.join(out, r["prior"]["model"]) if "prior" in r else None
     cses = {k: os.path.join(out, v) for k, v in r.get("cse", {}).items()}
@@ -485,15 +494,16 @@ def stage(name: str, out: str, s: Settings, r: dict, extra: str):
     if name == "tune":
         return tune(out, s, prior)
     if name == "eval":
-        return evaluate(out, s, prior, cses, zeta, extra)
+        return evaluate(out, s, prior, cses, zeta, metric_flags)
     if name == "table6":
-        return table6(out, s, prior, cses, zeta, extra)
+        return table6(out, s, prior, cses, zeta, metric_flags)
     return observe(out, s, prior, cses, zeta)
 
 
 def run(args) -> str:
     s = QUICK if args.quick else Settings()
     out = args.out
+    metric_flags = table_metrics(args.metric_weights, s.size)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
     os.makedirs(out, exist_ok=True)
@@ -506,7 +516,6 @@ def run(args) -> str:
                                  "use another --out")
     else:
         evaluation.write_json(path, settings)
-    extra = community_metrics(args.metric_weights)
     r, seconds = {}, {}
     os.makedirs(os.path.join(out, "stages"), exist_ok=True)
     timing = os.path.join(out, "stages", "seconds.json")
@@ -522,7 +531,7 @@ def run(args) -> str:
             continue
         print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
         t0 = time.perf_counter()
-        r[name] = stage(name, out, s, r, extra)
+        r[name] = stage(name, out, s, r, metric_flags)
         evaluation.write_json(result, r[name])
         seconds[name] = round(time.perf_counter() - t0, 1)
         evaluation.write_json(timing, seconds)

@@ -39,6 +39,23 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def community_weights(folder) -> str:
+    """The three metric weight files in the community packages' layouts (LPIPS's AlexNet and
+    its linear heads, pytorch-fid's Inception), random, written into `folder`; its path."""
+    from metrics_reference import randomize as randomize_with_batchnorm
+
+    import metrics
+
+    lp = randomize_with_batchnorm(metrics.LPIPS(), 0)
+    torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()},
+               os.path.join(folder, "alexnet-owt-7be5be79.pth"))
+    torch.save({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(lp.lin)},
+               os.path.join(folder, "alex.pth"))
+    torch.save(randomize_with_batchnorm(metrics.FIDInception(), 1).state_dict(),
+               os.path.join(folder, "pt_inception-2015-12-05-6726825d.pth"))
+    return str(folder)
+
+
 def linear_operator(M: torch.Tensor):
     """A(x0) = x0 M^T on rows of x0 (N, d), and the parts PSLD takes beyond A (dmap.model_parts):
     H = A, its adjoint v M, decode = encode = identity (the denoiser works in pixel space)."""

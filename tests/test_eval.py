@@ -13,8 +13,7 @@ import pytest
 import scipy.stats
 import skimage.data
 import torch
-from conftest import tiny_pipeline
-from metrics_reference import randomize
+from conftest import community_weights, tiny_pipeline
 from PIL import Image
 
 import dmap
@@ -38,15 +37,7 @@ def setup(tmp_path_factory):
         Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
     (photos / "notes.txt").write_text("not an image")
     Image.fromarray(skimage.data.astronaut()[:40, :40]).save(photos / "small.png")
-    weights = tmp_path_factory.mktemp("weights")
-    lp = randomize(metrics.LPIPS(), 0)
-    torch.save({f"features.{k}": v for k, v in lp.features.state_dict().items()},
-               weights / "alexnet-owt-7be5be79.pth")
-    torch.save({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(lp.lin)},
-               weights / "alex.pth")
-    torch.save(randomize(metrics.FIDInception(), 1).state_dict(),
-               weights / "pt_inception-2015-12-05-6726825d.pth")
-    return root, str(photos), str(weights)
+    return root, str(photos), community_weights(tmp_path_factory.mktemp("weights"))
 
 
 def run_argv(setup, out, *extra):

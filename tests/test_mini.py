@@ -3,6 +3,7 @@ diffusers and in dmap.load_sd2 (no VAE, no text encoder), `cse.py train --train 
 its UNet and resumes exactly, and `mini.py --quick` runs every stage, with numbers that must
 hold even at that size, and skips every stage on a rerun."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,11 +11,12 @@ import shutil
 import pytest
 import skimage.data
 import torch
-from conftest import assert_close
+from conftest import assert_close, community_weights
 from PIL import Image
 
 import cse
 import dmap
+import metrics
 import mini
 
 TINY_PIXEL = mini.QUICK.unet  # (16, 32) channels, attention at the second level
@@ -51,6 +53,26 @@ def test_pixel_model_loads_in_diffusers_and_dmap(prior):
     assert_close(ours, ref, 1e-5, what="pixel UNet vs diffusers")
     with pytest.raises(ValueError, match="no text encoder"):
         dmap.encode_prompt(sd, "a cat")
+
+
+def test_metric_weights_reach_the_tables(prior, tmp_path, capsys):
+    """--metric-weights DIR: eval.py run loads LPIPS, FID and KID from DIR (nothing is
+    downloaded); a folder without the three files is refused in one line, before any work."""
+    model, photos = prior
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert mini.main(["--quick", "--out", str(tmp_path / "x"), "--metric-weights",
+                      str(empty)]) == 2
+    assert "no alexnet-owt-7be5be79.pth there" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    weights = community_weights(tmp_path)
+    assert "lpips" not in mini.table_metrics(weights, 16)[1]  # AlexNet needs 31 px
+    s = dataclasses.replace(mini.QUICK, size=32)
+    table = mini.restore(photos, str(tmp_path / "run"), s, model, ["sr"], ["ddpm"], {},
+                         metric_flags=mini.table_metrics(weights, s.size), quiet=True)
+    assert {"psnr", "ssim", "sw", "lpips", "fid", "kid"} <= set(table["sr/ddpm"])
+    with pytest.raises(ValueError, match="LPIPS needs images of at least 31 x 31"):
+        metrics.LPIPS()(torch.zeros(1, 3, 30, 30), torch.zeros(1, 3, 30, 30))
 
 
 def train_argv(prior, out, *extra):
