@@ -6,11 +6,11 @@ and, for y = A x0 + sigma_y noise, the posterior itself (again a mixture). This 
 samplers of dmap.py unchanged on such priors:
 
     python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice
-                                    # (about 40 s on 2 idle cores)
+                                    # (about 20 s on 2 idle cores)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 9 cells x 2 step settings
-                                    # (17 min on 2 cores: one cell per core)
+                                    # (12 min on 2 cores: one cell per core)
     python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~3 min)
-    python toy_gmm.py cse           # an inexact CSE: Prop. 4 per step, Fig. 7 (~30 s)
+    python toy_gmm.py cse           # an inexact CSE: Prop. 4 per step, Fig. 7 (~20 s)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
@@ -211,6 +211,49 @@ class GMM:
         return GMM.from_cov(weights, means, self.cov - gain @ CAt.mT)
 
 
+def row_maps(M):
+    """For M (P, k, d): x -> x M_p^T on the p-th of P equal row blocks of x, (N, d) -> (N, k),
+    and its adjoint v -> v M_p, (N, k) -> (N, d); each is the other's gradient. Both of the
+    benchmark's projections are such maps: onto the means' plane (LowRankGMM, k = 2) and onto
+    the rows of A (linear_operator, k = dy). The adjoint is written as k scaled rows of M
+    added, one pass over (N, d) each: the matrix products with inner size k that addmm and
+    autograd would run took 1.5-3x as long on the CPU (MKL, 2000 x 800 particles), and einsum
+    picked a 10x slower layout for k = 1 (measured: denoiser + gradient 13% faster, ReSample
+    at dy = 1 1.8x)."""
+    P, k, d = M.shape
+    rows = M[:, None]  # (P, 1, k, d)
+
+    def times_mt(x):  # one batched product; M.mT, a transposed view, is the fast layout
+        return torch.bmm(x.reshape(P, -1, d), M.mT).reshape(len(x), k)
+
+    def times_m(v):  # v M = sum_j v_j m_j
+        v = v.reshape(P, -1, k)
+        out = v[..., :1] * rows[..., 0, :]
+        for j in range(1, k):
+            out.addcmul_(v[..., j:j + 1], rows[..., j, :])
+        return out.reshape(-1, d)
+
+    class Apply(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return times_mt(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return Adjoint.apply(g)
+
+    class Adjoint(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return times_m(v)
+
+        @staticmethod
+        def backward(ctx, g):
+            return Apply.apply(g)
+
+    return Apply.apply, Adjoint.apply
+
+
 # The same formulas when the components differ only inside a q-dimensional subspace (the
 # MCGdiff prior: means on a 2-D grid tiled to d, one covariance I; and its posteriors)
 
@@ -230,6 +273,7 @@ class LowRankGMM:
     def __init__(self, inner: GMM, Q, c: float):
         # Q held as a view of a contiguous Q^T (q, d): x @ Q is then 5x faster on the CPU
         self.inner, self.Q, self.c = inner, Q.mT.contiguous().mT, c
+        self.project, self.lift = row_maps(self.Q.mT[None])  # x -> x Q, v -> v Q^T
         self.weights = inner.weights
 
     @classmethod
@@ -280,14 +324,13 @@ class LowRankGMM:
         """x0_hat = Q x0_hat_inner(xq) + a x_perp, a = c / (c + sigma^2) (the Gaussian
         x_perp's Tweedie mean), written a x + (x0_hat_inner - a xq) Q^T: no (N, d) tensor
         per component, forward or backward; contract 1 of DESIGN.md."""
-        xq, a = x @ self.Q, self.c / (self.c + sigma**2)
-        # addmm(x, B, C, beta=a) = a x + B C in one pass (and one less in autograd)
-        return torch.addmm(x, self.inner.denoiser(xq, sigma) - a * xq, self.Q.mT, beta=a)
+        xq, a = self.project(x), self.c / (self.c + sigma**2)  # x Q, as x @ Q (row_maps: faster)
+        return torch.add(self.lift(self.inner.denoiser(xq, sigma) - a * xq), x, alpha=a)
 
     def score(self, x, sigma=0.0) -> torch.Tensor:
         """Q score_inner(xq) - x_perp / (c + sigma^2), written as the denoiser is."""
-        xq, b = x @ self.Q, 1 / (self.c + sigma**2)
-        return torch.addmm(x, self.inner.score(xq, sigma) + b * xq, self.Q.mT, beta=-b)
+        xq, b = self.project(x), 1 / (self.c + sigma**2)
+        return torch.add(self.lift(self.inner.score(xq, sigma) + b * xq), x, alpha=-b)
 
     def sample(self, n: int, generator=None) -> torch.Tensor:
         """n exact samples: Q xq + sqrt(c) (I - Q Q^T) z, xq ~ inner, z ~ N(0, I_d); (n, d)."""
@@ -332,16 +375,9 @@ def linear_operator(A_mats):
     """P problems side by side as one linear operator: rows p n .. (p + 1) n - 1 of the batch
     see A_mats[p], (P, dy, d) (P = 1: one problem). Returns A and the parts PSLD takes beyond it
     (dmap.model_parts): H = A, its true adjoint, decode = encode = identity (pixel space).
-    Every sample stays independent (contract 2)."""
-    P = len(A_mats)
-
-    def A(x0):
-        return torch.einsum("pnd,pyd->pny", x0.reshape(P, -1, x0.shape[1]),
-                            A_mats).reshape(len(x0), -1)
-
-    def adjoint(v):
-        return torch.einsum("pny,pyd->pnd", v.reshape(P, -1, v.shape[1]),
-                            A_mats).reshape(len(v), -1)
+    Every sample stays independent (contract 2). row_maps makes both, each the other's
+    gradient."""
+    A, adjoint = row_maps(A_mats)
 
     def identity(v):
         return v
@@ -635,6 +671,9 @@ def bench_cell(steps, eta, ind_steps, d, ind_dim, dy, ind_dy, weights, problems,
     posts = [prior.posterior(A_mat, y, sigma_y) for _, A_mat, y, sigma_y in cell]
     g = torch.Generator().manual_seed(seeds[0])
     refs = [post.sample(n, g) for post in posts]
+    sw_to = [metrics.sliced_wasserstein_to(ref, generator=torch.Generator().manual_seed(i))
+             for i, ref in enumerate(refs)]  # each problem's directions: seeded by its index
+    ref_std = [ref.std(0) for ref in refs]
     for name in ["exact posterior (floor)", "dps_protocol"] + methods:
         for lo in range(0, problems, P):
             group = range(lo, min(lo + P, problems))
@@ -656,11 +695,10 @@ def bench_cell(steps, eta, ind_steps, d, ind_dim, dy, ind_dy, weights, problems,
             x = x.double()
             seconds = (time.time() - t0) / len(group)
             for j, i in enumerate(group):
-                xi, ref = x[j * n:(j + 1) * n], refs[i]
-                sw = metrics.sliced_wasserstein(xi, ref, generator=torch.Generator().manual_seed(i))
+                xi = x[j * n:(j + 1) * n]
                 yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=i, sigma_y=cell[i][3],
-                           method=name, sw=sw, seconds=seconds,
-                           std_ratio=(xi.std(0) / ref.std(0)).mean().item())
+                           method=name, sw=sw_to[i](xi), seconds=seconds,
+                           std_ratio=(xi.std(0) / ref_std[i]).mean().item())
     if conc_n:
         yield dict(steps=steps, eta=eta, d=d, dy=dy, problem=0, method="concentration",
                    **concentration(prior, posts[0], sigmas, conc_n, g))
@@ -1084,7 +1122,7 @@ def parse_args(argv=None):
                         choices=["all", "fig8", "observations", "benchmark", "cse"],
                         help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
                         "the full MCGdiff benchmark; cse: an inexact CSE, Prop. 4 and Fig. 7 "
-                        "(about 40 s)")
+                        "(about 20 s)")
     parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--sigma-y", type=float, default=1.0,

@@ -263,6 +263,23 @@ def test_protocol_dps_step_equals_our_dps(t, t_prev, eta):
         assert_close(ours(zeta[None]), protocol(0.1), 1e-9, what="whole step")
 
 
+@pytest.mark.parametrize("P, dy", [(1, 1), (3, 2), (2, 4)])
+def test_batched_operator(P, dy):
+    """linear_operator: rows of problem p see A_mats[p]; adjoint is the true adjoint per
+    problem; and the hand-written gradients of A and of adjoint (each the other) are right, as
+    gradcheck finds."""
+    g = torch.Generator().manual_seed(P)
+    A_mats = torch.randn(P, dy, 7, generator=g, dtype=F64)
+    A, parts = toy_gmm.linear_operator(A_mats)
+    x, v = torch.randn(4 * P, 7, generator=g, dtype=F64), torch.randn(4 * P, dy, generator=g,
+                                                                       dtype=F64)
+    assert_close(A(x), torch.cat([x[4 * p:4 * p + 4] @ A_mats[p].T for p in range(P)]), 1e-14)
+    assert_close(parts["adjoint"](v), torch.cat([v[4 * p:4 * p + 4] @ A_mats[p]
+                                                 for p in range(P)]), 1e-14)
+    assert torch.autograd.gradcheck(A, (x.requires_grad_(True),))
+    assert torch.autograd.gradcheck(parts["adjoint"], (v.requires_grad_(True),))
+
+
 def gaussian_prior(d=6, dy=2, seed=9):
     """A one-component mixture N(m, 0.5 I), a linear operator and its measurement."""
     g = torch.Generator().manual_seed(seed)
