@@ -138,8 +138,8 @@ def low_rank_pair(kind, d=300):
 def test_low_rank_equals_reference(kind):
     """LowRankGMM against GMM, the reference path, in float64: max error <= 1e-10 x the largest
     reference value (responsibilities, weights: absolute 1e-10) for log_prob,
-    responsibilities, score, denoiser and its vector-Jacobian product (what the samplers'
-    autograd takes), at sigma 0 to 150 (the benchmark starts at 156.6), for the prior, its
+    responsibilities, score, denoiser and the vector-Jacobian products of both (what the
+    samplers' autograd takes), at sigma 0 to 150 (the benchmark starts at 156.6), for the prior, its
     posterior and the VP marginal q_t (scaled) of dps_protocol."""
     ref, low, A, y, sigma_y = low_rank_pair(kind)
     assert low.Q.shape[1] == (3 if kind == "random" else 2)
@@ -165,6 +165,9 @@ def test_low_rank_equals_reference(kind):
             (vjp_a,) = torch.autograd.grad((x0_hat_a * v).sum(), x)
             (vjp_b,) = torch.autograd.grad((x0_hat_b * v).sum(), x)
             assert_close(vjp_b, vjp_a, 1e-10, what=f"v^T d x0_hat / dx {tag}")
+            (vjp_a,) = torch.autograd.grad((a.score(x, sigma) * v).sum(), x)  # dps_protocol's
+            (vjp_b,) = torch.autograd.grad((b.score(x, sigma) * v).sum(), x)
+            assert_close(vjp_b, vjp_a, 1e-10, what=f"v^T d score / dx {tag}")
 
 
 def test_low_rank_sampling():
