@@ -6,11 +6,11 @@ and, for y = A x0 + sigma_y noise, the posterior itself (again a mixture). This 
 samplers of dmap.py unchanged on such priors:
 
     python toy_gmm.py               # Fig. 8, the three observations, a benchmark slice
-                                    # (about 20 s on 2 idle cores)
+                                    # (20-40 s on 2 idle cores)
     python toy_gmm.py benchmark     # the full MCGdiff GMM benchmark, 9 cells x 2 step settings
-                                    # (12 min on 2 cores: one cell per core)
+                                    # (12-20 min on 2 cores: one cell per core)
     python toy_gmm.py benchmark --dims 8 80     # its d = 8, 80 cells only (~3 min)
-    python toy_gmm.py cse           # an inexact CSE: Prop. 4 per step, Fig. 7 (~20 s)
+    python toy_gmm.py cse           # an inexact CSE: Prop. 4 per step, Fig. 7 (20-30 s)
 
 Reading order: (1) the mixture and its exact formulas; (2) running a sampler on it, the sliced
 Wasserstein metric; (3) Fig. 8 (Appendix A.4); (4) the three observations of Sec. 3, exact;
@@ -1122,7 +1122,7 @@ def parse_args(argv=None):
                         choices=["all", "fig8", "observations", "benchmark", "cse"],
                         help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
                         "the full MCGdiff benchmark; cse: an inexact CSE, Prop. 4 and Fig. 7 "
-                        "(about 20 s)")
+                        "(20-40 s)")
     parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--sigma-y", type=float, default=1.0,
