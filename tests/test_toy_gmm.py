@@ -139,8 +139,8 @@ def test_low_rank_equals_reference(kind):
     """LowRankGMM against GMM, the reference path, in float64: max error <= 1e-10 x the largest
     reference value (responsibilities, weights: absolute 1e-10) for log_prob,
     responsibilities, score, denoiser and the vector-Jacobian products of both (what the
-    samplers' autograd takes), at sigma 0 to 150 (the benchmark starts at 156.6), for the prior, its
-    posterior and the VP marginal q_t (scaled) of dps_protocol."""
+    samplers' autograd takes), at sigma 0 to 150 (the benchmark starts at 156.6), for the
+    prior, its posterior and the VP marginal q_t (scaled) of dps_protocol."""
     ref, low, A, y, sigma_y = low_rank_pair(kind)
     assert low.Q.shape[1] == (3 if kind == "random" else 2)
     assert_close(low.means, ref.means, 1e-12, what="means")
