@@ -19,6 +19,8 @@ command line. Parameter names are diffusers' ControlNetModel's own
 (`diffusers/models/controlnets/controlnet.py`), so a diffusers folder loads without renaming.
 """
 
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
+
 import argparse
 import contextlib
 import functools
@@ -772,7 +774,7 @@ def train(args) -> str:
                     and val:
                 panel = validation_panel(sd, None if prior else net, context, op, val,
                                          args.size, args.validation_steps, args.seed, autocast)
-                dmap.write_atomic(os.path.join(args.out, f"validation-{finished}.png"),
+                cli.write_atomic(os.path.join(args.out, f"validation-{finished}.png"),
                                   panel.save)
             if world > 1:
                 torch.distributed.barrier()
@@ -814,7 +816,7 @@ def generate(args) -> int:
         z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
         with torch.no_grad():
             image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))
-        dmap.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
+        cli.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
     return len(todo)
 
 
@@ -824,7 +826,7 @@ def generate(args) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     t = commands.add_parser("train", help="train a CSE on a folder of images",
@@ -893,23 +895,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    try:
-        if args.command == "train":
-            done = f"trained to {train(args)}"
-        else:
-            done = f"wrote {generate(args)} new image(s) to {args.out}"
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted {e.args[0] if e.args else 'before the first step; nothing written'}",
-              file=sys.stderr)
-        return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    print(f"{done} in {time.perf_counter() - start:.0f} s")
-    return 0
+
+    def body():
+        try:
+            done = f"trained to {train(args)}" if args.command == "train" else \
+                f"wrote {generate(args)} new image(s) to {args.out}"
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return f"{done} in {time.perf_counter() - start:.0f} s"
+
+    return cli.run(body, interrupted="before the first step; nothing written")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ coordinates, x = x0 + sigma * noise, as the official code does (diffusers' Euler
 scheduler runs on latents scaled by sqrt(1 + sigma^2)), so the paper's step sizes carry over.
 """
 
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
+
 import argparse
 import inspect
 import json
@@ -611,17 +613,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def write_atomic(path: str, save) -> None:
-    """save(tmp) then rename onto path, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def add_operator_flags(p: argparse.ArgumentParser) -> None:
     """The operator flags (OPERATOR_FLAGS), shared by dmap.py, cse.py train and eval.py."""
     p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
@@ -643,7 +634,7 @@ def parse_args(argv=None):
         value = inspect.signature(SAMPLERS[method]).parameters[name].default
         return " ".join(map(str, value)) if isinstance(value, tuple) else value
 
-    p = argparse.ArgumentParser(description=__doc__,
+    p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="the reference image (or, with --observed, the measurement y)")
     p.add_argument("--method", default="dmap", choices=list(SAMPLERS),
@@ -859,18 +850,26 @@ def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
 
 def save(paths: dict, record: dict, images: dict) -> None:
     """The restored image, the measurement, a labelled panel and the JSON record, each written
-    atomically (a crash or Ctrl-C never leaves half a file)."""
-    os.makedirs(os.path.dirname(paths["record"]) or ".", exist_ok=True)
-    write_atomic(paths["restored"], Image.fromarray(images["restored"]).save)
-    write_atomic(paths["measurement"], Image.fromarray(images["measurement"]).save)
+    atomically (a crash or Ctrl-C never leaves half a file); when one cannot be written (a full
+    disk), those already written are removed again, so a rerun finds none of them."""
     panel = plot.image_grid([list(images["panel"].values())], [list(images["panel"])])
-    write_atomic(paths["panel"], panel.save)
-
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-
-    write_atomic(paths["record"], dump)
+    writers = {"restored": Image.fromarray(images["restored"]).save,
+               "measurement": Image.fromarray(images["measurement"]).save,
+               "panel": panel.save,
+               "record": lambda tmp: cli.write_text(tmp, json.dumps(record, indent=2))}
+    written, key = [], "restored"
+    try:
+        os.makedirs(os.path.dirname(paths["record"]) or ".", exist_ok=True)
+        for key, write in writers.items():
+            cli.write_atomic(paths[key], write)
+            written.append(paths[key])
+    except (OSError, KeyboardInterrupt) as e:
+        for path in written:
+            os.remove(path)
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt("while writing; nothing written") from None
+        raise ValueError(f"cannot write {paths[key]} ({e.strerror or e}); nothing written: free "
+                         "space (or choose another --out) and rerun") from None
 
 
 def restore(args) -> tuple[dict, dict]:
@@ -919,28 +918,20 @@ def restore(args) -> tuple[dict, dict]:
                   outputs=[os.path.basename(p) for p in paths.values()])
     if x_ref is not None:
         record["psnr"] = round(metrics.psnr(restored, panel["reference"]), 3)
-    try:
-        save(paths, record, dict(restored=restored, measurement=to_uint8(y), panel=panel))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt("while writing; each file is whole or absent") from None
+    save(paths, record, dict(restored=restored, measurement=to_uint8(y), panel=panel))
     return record, paths
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        record, paths = restore(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted {e.args[0] if e.args else 'before sampling; nothing written'}",
-              file=sys.stderr)
-        return 130
-    quality = f"PSNR {record['psnr']} dB, " if "psnr" in record else ""
-    print(f"wrote {', '.join(record['outputs'])} to {args.out}: {quality}"
-          f"{record['seconds']['total']} s in all (sampling {record['seconds']['sample']} s)")
-    return 0
+
+    def body():
+        record, _ = restore(args)
+        quality = f"PSNR {record['psnr']} dB, " if "psnr" in record else ""
+        return (f"wrote {', '.join(record['outputs'])} to {args.out}: {quality}"
+                f"{record['seconds']['total']} s in all (sampling {record['seconds']['sample']} s)")
+
+    return cli.run(body, interrupted="before sampling; nothing written")
 
 
 if __name__ == "__main__":

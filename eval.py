@@ -14,6 +14,8 @@ observations of Sec. 3 on any denoiser (SD 2.0 here, the exact GMM in the tests)
 command line.
 """
 
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
+
 import argparse
 import ctypes
 import json
@@ -162,22 +164,6 @@ def cell(summary: dict, metric: str) -> str:
 def convention_lines(names, kid_subset) -> list[str]:
     return [f"- {CONVENTIONS[m].format(subset=kid_subset)}" for m in names] + \
         ["- ± is the half-width of the 95% interval of the mean over images (Student t)"]
-
-
-def write_json(path: str, value) -> None:
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
-
-    dmap.write_atomic(path, dump)
-
-
-def write_text(path: str, text: str) -> None:
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    dmap.write_atomic(path, dump)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,10 +477,10 @@ class Run:
         if self.scorer.inception is not None and \
                 not os.path.exists(os.path.join(folder, stem + ".npy")):
             features = self.scorer.features(image)
-            dmap.write_atomic(os.path.join(folder, stem + ".npy"),
+            cli.write_atomic(os.path.join(folder, stem + ".npy"),
                               lambda tmp: np.save(tmp, features))
         if not os.path.exists(os.path.join(folder, stem + ".png")):
-            dmap.write_atomic(os.path.join(folder, stem + ".png"), Image.fromarray(image).save)
+            cli.write_atomic(os.path.join(folder, stem + ".png"), Image.fromarray(image).save)
         return image, x
 
     def restore(self, op_name: str, method: str, batch: list) -> None:
@@ -526,21 +512,21 @@ class Run:
         os.makedirs(folder, exist_ok=True)
         for b, (i, s, p) in enumerate(batch):
             image = dmap.to_uint8(restored[b:b + 1])
-            dmap.write_atomic(os.path.join(folder, s + ".png"), Image.fromarray(image).save)
+            cli.write_atomic(os.path.join(folder, s + ".png"), Image.fromarray(image).save)
             measurement = os.path.join(self.args.out, op_name, "measurement", s + ".png")
             if not os.path.exists(measurement):
-                dmap.write_atomic(measurement,
+                cli.write_atomic(measurement,
                                   Image.fromarray(dmap.to_uint8(hint[b:b + 1])).save)
             features = self.scorer.features(image)
             if features is not None:
-                dmap.write_atomic(os.path.join(folder, s + ".npy"),
+                cli.write_atomic(os.path.join(folder, s + ".npy"),
                                   lambda tmp, f=features: np.save(tmp, f))
             record = dict(image=os.path.abspath(p), index=i, seed=seed, batch=len(batch),
                           method=method, op=op_name, operator=op_args,
                           sampler=dict(kwargs, steps=steps), seconds=round(seconds, 3),
                           peak_mb=None if peak.mb is None else round(peak.mb, 1),
                           y_rmse=y_rmse[b], **self.scorer.pair(refs[b][0], image))
-            write_json(os.path.join(folder, s + ".json"), record)
+            cli.write_json(os.path.join(folder, s + ".json"), record)
 
 
 def todo(args, images, ops, methods, rank, world) -> list:
@@ -685,7 +671,7 @@ def run(args) -> str:
         context = Run(args, device, getattr(torch, args.dtype),
                       {op for op, m, _ in work if m.endswith("cse")})
         if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
-            write_json(os.path.join(args.out, "run.json"), settings)
+            cli.write_json(os.path.join(args.out, "run.json"), settings)
         for op, m, batch in tqdm(work, desc=f"rank {rank}" if world > 1 else "restore",
                                  unit="batch", position=rank):
             try:
@@ -698,15 +684,15 @@ def run(args) -> str:
     if rank != 0:
         return f"rank {rank}: {len(work)} batches restored"
     if not os.path.exists(os.path.join(args.out, "run.json")):
-        write_json(os.path.join(args.out, "run.json"), settings)
+        cli.write_json(os.path.join(args.out, "run.json"), settings)
     table = collect(args, images, ops, methods)
     text = table_markdown(args, table, ops, methods, settings, left_out)
-    write_text(os.path.join(args.out, "table.md"), text)
-    write_json(os.path.join(args.out, "table.json"), dict(settings=settings, table=table,
+    cli.write_text(os.path.join(args.out, "table.md"), text)
+    cli.write_json(os.path.join(args.out, "table.json"), dict(settings=settings, table=table,
                                                           left_out=left_out))
     if args.grid:
         for op in ops:
-            dmap.write_atomic(os.path.join(args.out, op, "grid.png"),
+            cli.write_atomic(os.path.join(args.out, op, "grid.png"),
                               grid(args, op, methods, images).save)
     print(text)
     return f"{len(work)} batches restored, table of {len(images)} images in " \
@@ -861,13 +847,13 @@ def observe(args) -> str:
                 reference, unconditional, runs, noise(args.trajectories, args.seed + 1), y, A,
                 sigmas, repeats=args.repeats, seed=args.seed, every=args.every,
                 callback=lambda i: bar.update(1))
-        write_json(os.path.join(args.out, "observation_1.json"), done["observation_1"])
+        cli.write_json(os.path.join(args.out, "observation_1.json"), done["observation_1"])
     if "observation_2" not in done:
         with tqdm(total=args.k_mean, desc="observation II", unit="sample") as bar:
             done["observation_2"] = observation_2(
                 reference, unconditional, runs, noise(args.k_mean, args.seed + 2), y, A, sigmas,
                 repeats=args.repeats, seed=args.seed, chunk=args.batch, callback=bar.update)
-        write_json(os.path.join(args.out, "observation_2.json"), done["observation_2"])
+        cli.write_json(os.path.join(args.out, "observation_2.json"), done["observation_2"])
     maps = {}
     for label, name, hyper in runs[:len(zetas)] + runs[-1:] + [("CSE", "ddpm", {})]:
         path = os.path.join(args.out, "observation_3_" + label.replace(" ", "_") + ".npy")
@@ -883,12 +869,12 @@ def observe(args) -> str:
                 with torch.no_grad():
                     images.append(sd.decode(z0).float().clamp(-1, 1))  # as the authors
             std = pixel_std(torch.cat(images))
-            dmap.write_atomic(path, lambda tmp, v=std: np.save(tmp, v))
+            cli.write_atomic(path, lambda tmp, v=std: np.save(tmp, v))
         maps[label] = np.load(path)
     text = observations_markdown(args, done, maps)
-    write_text(os.path.join(args.out, "observations.md"), text)
+    cli.write_text(os.path.join(args.out, "observations.md"), text)
     for file, image in draw_observations(done, maps).items():
-        dmap.write_atomic(os.path.join(args.out, file), image.save)
+        cli.write_atomic(os.path.join(args.out, file), image.save)
     print(text)
     return f"wrote observations.md, observation_1.png and observation_3.png to {args.out}"
 
@@ -935,7 +921,7 @@ def draw_observations(done, maps) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -1018,35 +1004,32 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    try:
-        if args.command == "score":
-            if args.json and os.path.exists(args.json) and not args.force:
-                raise ValueError(f"{args.json} exists; pass --force to overwrite it")
-            report = score(args)
-            print(score_markdown(report, args.metrics.split(","), args.kid_subset))
-            if args.json:
-                write_json(args.json, report)
-            done = f"scored {report['n']} pairs"
-        elif args.command == "run":
-            done = run(args)
-        elif args.command == "speed":
-            import speed
 
-            done = speed.speed(args)
-        else:
-            done = observe(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted {e.args[0] if e.args else ''}; what was written is whole, rerun to "
-              "continue", file=sys.stderr)
-        return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    print(f"{done} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return 0
+    def body():
+        try:
+            if args.command == "score":
+                if args.json and os.path.exists(args.json) and not args.force:
+                    raise ValueError(f"{args.json} exists; pass --force to overwrite it")
+                report = score(args)
+                print(score_markdown(report, args.metrics.split(","), args.kid_subset))
+                if args.json:
+                    cli.write_json(args.json, report)
+                done = f"scored {report['n']} pairs"
+            elif args.command == "run":
+                done = run(args)
+            elif args.command == "speed":
+                import speed
+
+                done = speed.speed(args)
+            else:
+                done = observe(args)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return f"{done} in {time.perf_counter() - start:.0f} s"
+
+    return cli.run(body, interrupted="before the end; what was written is whole, rerun to continue",
+                   file=sys.stderr)
 
 
 if __name__ == "__main__":

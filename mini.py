@@ -26,6 +26,8 @@ Stages, in order; each writes its folder under --out and is skipped when its out
                differences on the same crops and seeds), the figures; redone on every run
 """
 
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
+
 import argparse
 import contextlib
 import io
@@ -515,7 +517,7 @@ def run(args) -> str:
                 raise ValueError(f"{out} holds a run with other settings (--quick differs?); "
                                  "use another --out")
     else:
-        evaluation.write_json(path, settings)
+        cli.write_json(path, settings)
     r, seconds = {}, {}
     os.makedirs(os.path.join(out, "stages"), exist_ok=True)
     timing = os.path.join(out, "stages", "seconds.json")
@@ -532,22 +534,22 @@ def run(args) -> str:
         print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
         t0 = time.perf_counter()
         r[name] = stage(name, out, s, r, metric_flags)
-        evaluation.write_json(result, r[name])
+        cli.write_json(result, r[name])
         seconds[name] = round(time.perf_counter() - t0, 1)
-        evaluation.write_json(timing, seconds)
+        cli.write_json(timing, seconds)
     r["paired"] = paired(out, s)
     for name, image in figures(out, s, r).items():
-        dmap.write_atomic(os.path.join(out, name), image.save)
+        cli.write_atomic(os.path.join(out, name), image.save)
     text = markdown(s, r, seconds, out)
-    evaluation.write_text(os.path.join(out, "report.md"), text)
-    evaluation.write_json(os.path.join(out, "report.json"), dict(settings=settings,
+    cli.write_text(os.path.join(out, "report.md"), text)
+    cli.write_json(os.path.join(out, "report.json"), dict(settings=settings,
                                                                  seconds=seconds, **r))
     print(text)
     return f"wrote {os.path.join(out, 'report.md')} in {sum(seconds.values()):.0f} s of stages"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/mini", help="output folder (a rerun resumes it; "
                    "default: %(default)s)")
@@ -557,17 +559,8 @@ def main(argv=None) -> int:
                    "three there (or in $TORCH_HOME/hub/checkpoints) the tables add LPIPS, FID "
                    "and KID (default: without them)")
     args = p.parse_args(argv)
-    try:
-        done = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted {e.args[0] if e.args else ''}; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
-    print(done, file=sys.stderr)
-    return 0
+    return cli.run(lambda: run(args), interrupted="before the first stage; rerun the same "
+                   "command to continue", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ What is measured, per method and batch size B (README.md, "Speed"):
   run built from them (its s/step and memory) as the reference row.
 """
 
+import cli
+
 import argparse
 import copy
 import math
@@ -560,5 +562,5 @@ def speed(args) -> str:
     report = benchmark(args)
     print(table_markdown(report))
     if args.json:
-        evaluation.write_json(args.json, report)
+        cli.write_json(args.json, report)
     return f"benchmarked {len(report['rows'])} rows"

@@ -20,6 +20,8 @@ conditional score estimator (Sec. 4.2: Prop. 4 and Fig. 7 in the toy); (6) the f
 benchmark's samplers (float32, 3x faster at d = 800; the metric does not move).
 """
 
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
+
 import argparse
 import ctypes
 import json
@@ -30,7 +32,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -1102,11 +1103,11 @@ def benchmark_tables(rows) -> str:
 
 
 def write(path: str, value):
-    """A figure or a text, atomically (dmap.write_atomic): a crash never leaves half a file."""
+    """A figure or a text, atomically (cli.write_atomic): a crash never leaves half a file."""
     if isinstance(value, Image.Image):
-        dmap.write_atomic(path, value.save)
+        cli.write_atomic(path, value.save)
     else:
-        dmap.write_atomic(path, lambda tmp: Path(tmp).write_text(value))
+        cli.write_text(path, value)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1232,26 +1233,27 @@ def main(argv=None) -> int:
         bars.append(tqdm(total=total, desc=desc, unit=unit))
         return bars[-1]
 
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        outputs = compute(args, progress)
-        for name, value in outputs.items():
-            write(os.path.join(args.out, name), value)
-            written.append(name)
-    except KeyboardInterrupt:
-        for bar in bars:
-            bar.close()
-        where = (f"{bars[-1].desc}, {bars[-1].n} of {bars[-1].total} {bars[-1].unit}s done"
-                 if bars and bars[-1].n < bars[-1].total else "writing the outputs")
-        done = f"{len(written)} files written, each complete" if written else "nothing written"
-        print(f"interrupted in {where}; {done}", file=sys.stderr)
-        return 130
-    except OSError as e:  # creating or writing the output folder
-        print(f"error: cannot write to --out {args.out} ({e.strerror}); choose another --out",
-              file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
-    return 0
+    def body():
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            outputs = compute(args, progress)
+            for name, value in outputs.items():
+                write(os.path.join(args.out, name), value)
+                written.append(name)
+        except KeyboardInterrupt:
+            for bar in bars:
+                bar.close()
+            where = (f"{bars[-1].desc}, {bars[-1].n} of {bars[-1].total} {bars[-1].unit}s done"
+                     if bars and bars[-1].n < bars[-1].total else "writing the outputs")
+            done = f"{len(written)} files written, each complete" if written else \
+                "nothing written"
+            raise KeyboardInterrupt(f"in {where}; {done}") from None
+        except OSError as e:  # creating or writing the output folder
+            raise ValueError(f"cannot write to --out {args.out} ({e.strerror}); choose another "
+                             "--out") from None
+        return f"wrote {args.out} in {time.time() - t0:.0f} s"
+
+    return cli.run(body, interrupted="nothing written")
 
 
 if __name__ == "__main__":
