@@ -262,8 +262,8 @@ def legend_size(items) -> tuple:
 
 def draw_legend(draw: ImageDraw.ImageDraw, xy, items) -> tuple:
     """A framed key with its top-left corner at xy; items (label, color) or (label, color,
-    kind), kind "line" (default), "dot", "fill" (a swatch) or "outline" (an open square).
-    Returns its box."""
+    kind), kind "line" (default), "dashed" (a line as Axes.vline draws it), "dot", "fill" (a
+    swatch) or "outline" (an open square). Returns its box."""
     w, h = legend_size(items)
     x0, y0 = xy
     draw.rectangle([x0, y0, x0 + w, y0 + h], fill="white", outline="#888888")
@@ -271,6 +271,9 @@ def draw_legend(draw: ImageDraw.ImageDraw, xy, items) -> tuple:
         yc, kind = y0 + 13 + 18 * j, (kind or ["line"])[0]
         if kind == "line":
             draw.line([(x0 + 6, yc), (x0 + 24, yc)], fill=color, width=4)
+        elif kind == "dashed":
+            for x in (x0 + 6, x0 + 13, x0 + 20):
+                draw.line([(x, yc), (x + 3, yc)], fill=color, width=2)
         elif kind == "dot":
             draw.ellipse([x0 + 11, yc - 4, x0 + 19, yc + 4], fill=color)
         else:
@@ -345,9 +348,11 @@ def scatter_plot(x, y, *, xlim, ylim, density=None, outline=None, title="", xlab
 def bar_plot(groups: dict, *, series=(), title="", xlabel="", xlim=None, logx=False,
              reference=(), width=460):
     """Horizontal bars: groups {row label: [value per series]}, series coloured in COLORS order
-    and named in the legend by `series`; each bar labelled with its value (bars beyond xlim end
-    at the edge, their label still says the value). reference: (value, label, color) dashed
-    lines. On a log axis the bars start at xlim[0]."""
+    and named in the legend by `series`; each bar labelled with its value right of its end,
+    moved further right past any reference line or the frame it would cover (bars beyond xlim
+    end at the edge, their label still says the value). reference: (value, label, color) dashed
+    lines. On a log axis the bars start at xlim[0]. image.info["boxes"]["values"]: the value
+    labels' boxes, row by row."""
     labels, n = list(groups), max(len(v) for v in groups.values())
     values = [v for vs in groups.values() for v in vs] + [r[0] for r in reference]
     if xlim is None:
@@ -355,20 +360,26 @@ def bar_plot(groups: dict, *, series=(), title="", xlabel="", xlim=None, logx=Fa
         xlim = (lo / 10, hi) if logx else (min(lo, 0), hi)  # log: the shortest bar a decade long
     rows = [(lb, len(labels) - 1 - j) for j, lb in enumerate(labels)]  # the first row on top
     items = ([(s, COLORS[k], "fill") for k, s in enumerate(series)]
-             + [(lb, c) for _, lb, c in reference])
+             + [(lb, c, "dashed") for _, lb, c in reference])
     image, ax = _figure(width, 30 * len(labels), xlim, (-0.5, len(labels) - 0.5), title=title,
                         logx=logx, yticks=rows, right=56 + legend_size(items)[0] * bool(items))
     for value, _, color in reference:
         ax.vline(value, color)
+    lines = sorted([float(ax.px(value, 0)[0]) for value, _, _ in reference] + [ax.box[2]])
+    boxes = dict(data=ax.box, values=[])
     for label, yc in rows:
         for k, value in enumerate(groups[label]):
             yk = yc + (n - 1 - 2 * k) / (2 * n) * 0.8  # series 0 on top within the row
             ax.hbar(yk, xlim[0], value, COLORS[k], height=0.75 / n)
-            xy = (float(ax._clip(value, yk)[0]) + 3, float(ax.px(xlim[0], yk)[1]))
-            ax.draw.rectangle(ax.draw.textbbox(xy, f"{value:.3g}", font(11), "lm"), "white")
-            ax.draw.text(xy, f"{value:.3g}", font=font(11), fill="black", anchor="lm")
+            text = f"{value:.3g}"
+            x, y = float(ax._clip(value, yk)[0]) + 3, float(ax.px(xlim[0], yk)[1])
+            for line in lines:  # in increasing x, so a move never lands on a line passed
+                box = ax.draw.textbbox((x, y), text, font(11), "lm")
+                if box[0] - 2 <= line <= box[2] + 2:
+                    x = line + 4
+            ax.draw.text((x, y), text, font=font(11), fill="black", anchor="lm")
+            boxes["values"].append(ax.draw.textbbox((x, y), text, font(11), "lm"))
     ax.frame(title=title, xlabel=xlabel, yticks=rows)
-    boxes = dict(data=ax.box)
     if items:
         boxes["legend"] = draw_legend(ax.draw, (ax.box[2] + 56, ax.box[1]), items)
     image.info["boxes"] = boxes
@@ -426,12 +437,19 @@ def _fit(text, width) -> str:
     return text
 
 
-def image_grid(rows, titles=None, *, gap=4, title=""):
+def image_grid(rows, titles=None, *, gap=4, title="", min_width=128):
     """Panels in a grid: rows[i][j] a PIL image or a uint8 H x W x 3 (or H x W) array, None for
     an empty cell; titles[i][j] the text above it; `gap` white pixels between panels; `title`
-    a line over the whole grid. A column is as wide as its widest panel, a row as tall as its
-    tallest; panels sit centred in their cells. Rows may differ in length."""
+    lines over the whole grid. A column is as wide as its widest panel, a row as tall as its
+    tallest; panels sit centred in their cells. Rows may differ in length. When the widest
+    panel is narrower than min_width, every panel is enlarged by the least whole factor that
+    makes the widest at least that wide, each pixel a square block, so that small images show
+    their pixels and the titles above them fit (min_width=1: sizes as given)."""
     rows = [[None if p is None else _as_image(p) for p in row] for row in rows]
+    widest = max((p.width for row in rows for p in row if p), default=min_width)
+    scale = max(1, math.ceil(min_width / widest))
+    rows = [[None if p is None else p.resize((p.width * scale, p.height * scale), Image.NEAREST)
+             for p in row] for row in rows]
     titles = titles or [[""] * len(row) for row in rows]
     cols = max(len(row) for row in rows)
     widths = [max((r[j].width for r in rows if j < len(r) and r[j]), default=0)
@@ -439,8 +457,9 @@ def image_grid(rows, titles=None, *, gap=4, title=""):
     strip = [20 if any(t for t in ts) else 0 for ts in titles]
     heights = [max((p.height for p in row if p), default=0) for row in rows]
     head = 18 * (title.count("\n") + 1) + 8 if title else 0
-    image = Image.new("RGB", (sum(widths) + gap * (cols - 1),
-                              head + sum(heights) + sum(strip) + gap * (len(rows) - 1)), "white")
+    width = max(sum(widths) + gap * (cols - 1), _text_width(title.split("\n")) + 12 if title else 0)
+    image = Image.new("RGB", (width, head + sum(heights) + sum(strip) + gap * (len(rows) - 1)),
+                      "white")
     d, y = ImageDraw.Draw(image), head
     if title:
         d.multiline_text((6, 4), title, font=font(), fill="black")

@@ -953,29 +953,27 @@ def density_grid(gmm: GMM, size=PANEL) -> np.ndarray:
 
 
 def draw_fig8(samples, sigma_y):
-    """One panel per entry of `samples`, all its points over the exact posterior it is compared
-    with, filled: its own sigma_y for an exact panel, the noise-free posterior (NOISE_FREE) for
-    the samplers, whose y is noise-free; the sigma_y posterior outlined where it is not the
-    filled one. The key fills the first free cell."""
+    """One panel per entry of `samples`, all its points over the same two exact posteriors: the
+    noise-free one (NOISE_FREE, the samplers' y) filled, the sigma_y one outlined, so that the
+    key holds for every panel. The key fills the first free cell."""
     prior, A_mat, y = fig8_problem()
-    grid = {s: density_grid(prior.posterior(A_mat, y, s)) for s in (sigma_y, NOISE_FREE)}
+    filled, outlined = (density_grid(prior.posterior(A_mat, y, s)) for s in (NOISE_FREE, sigma_y))
     panels = []
     for j, (label, x) in enumerate(samples.items()):
-        own = sigma_y if label == f"exact, sigma_y={sigma_y:g}" else NOISE_FREE
         panels.append(plot.scatter_plot(
-            x[:, 0].numpy(), x[:, 1].numpy(), xlim=LIM, ylim=LIM, density=grid[own],
-            outline=grid[sigma_y] if own != sigma_y else None, title=label, xlabel="x1",
-            ylabel="x2" if j % 4 == 0 else "", size=PANEL))
+            x[:, 0].numpy(), x[:, 1].numpy(), xlim=LIM, ylim=LIM, density=filled,
+            outline=outlined, title=label, xlabel="x1", ylabel="x2" if j % 4 == 0 else "",
+            size=PANEL))
     n = len(next(iter(samples.values())))
     panels.append(plot.legend([
         (f"exact, sigma_y = {NOISE_FREE:g}: 50/90/99% regions", plot.SHADES[2], "fill"),
         (f"exact, sigma_y = {sigma_y:g}: the same, outlined", plot.COLORS[3], "outline"),
         (f"samples, all {n} of each method", plot.COLORS[1], "dot")]))
-    title = (f"Fig. 8 setting (A keeps x1, y = (0.5, 0)). Filled: the exact posterior a panel is "
-             f"compared with, 50/90/99% regions: sigma_y = {sigma_y:g} in the first panel, "
-             f"sigma_y = {NOISE_FREE:g}\n(noise-free, as the samplers' y) in all others; outlined: "
-             f"sigma_y = {sigma_y:g}. Dots: all {n} samples of each method, darker where "
-             "they pile up; triangles: samples beyond the axes.")
+    title = (f"Fig. 8 setting (A keeps x1, y = (0.5, 0)). Filled: the exact posterior of the "
+             f"noise-free y (sigma_y = {NOISE_FREE:g}), the samplers' target, 50/90/99% regions; "
+             f"outlined: sigma_y = {sigma_y:g}\n(the first panel's samples). Dots: all {n} "
+             "samples of each method, darker where they pile up; triangles: samples beyond the "
+             "axes.")
     return plot.image_grid([panels[i:i + 4] for i in range(0, len(panels), 4)], title=title)
 
 
@@ -1000,7 +998,7 @@ def draw_observations(obs, stats) -> dict:
     two = plot.bar_plot(
         {label: [m["norm"]] for label, m in obs["mean"].items()}, logx=True,
         series=["norm of the mean score"],
-        reference=[(se, "standard error, exact conditional (dashed)", plot.COLORS[1])],
+        reference=[(se, "standard error, exact conditional", plot.COLORS[1])],
         title=f"Observation II: mean score over exact p(x_T | y) samples, sigma = {s[0]:g}\n"
         "(every valid conditional score has mean zero)", xlabel="norm of the mean")
     prior, A_mat, y = fig8_problem()
@@ -1008,8 +1006,8 @@ def draw_observations(obs, stats) -> dict:
     three = plot.bar_plot(
         {label: [st["std_x1"], st["std_x2"]] for label, st in stats.items()}, logx=True,
         series=["std x1 (observed)", "std x2"],
-        reference=[(ref["std_x1"], f"exact std x1, sigma_y = {sy:g} (dashed)", plot.COLORS[0]),
-                   (ref["std_x2"], f"exact std x2, sigma_y = {sy:g} (dashed)", plot.COLORS[1])],
+        reference=[(ref["std_x1"], f"exact std x1, sigma_y = {sy:g}", plot.COLORS[0]),
+                   (ref["std_x2"], f"exact std x2, sigma_y = {sy:g}", plot.COLORS[1])],
         title="Observation III: the spread of each method's samples (the exact rows: exact "
         "samples)", xlabel="standard deviation (log scale)")
     return {"observation_1.png": one, "observation_2.png": two, "observation_3.png": three}
@@ -1122,24 +1120,28 @@ def parse_args(argv=None):
     parser.add_argument("part", nargs="?", default="all",
                         choices=["all", "fig8", "observations", "benchmark", "cse"],
                         help="all: Fig. 8, the observations and a benchmark slice; benchmark: "
-                        "the full MCGdiff benchmark; cse: an inexact CSE, Prop. 4 and Fig. 7 "
-                        "(20-40 s)")
-    parser.add_argument("--out", default="results/toy_gmm", help="folder for figures and tables")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+                        "the full MCGdiff benchmark; cse: an inexact CSE, Prop. 4 and Fig. 7, "
+                        "20-40 s (default: %(default)s)")
+    parser.add_argument("--out", default="results/toy_gmm",
+                        help="folder for figures and tables (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--sigma-y", type=float, default=1.0,
                         help="likelihood noise that defines the exact posterior of Fig. 8 and "
-                        "the observations (> 0)")
+                        "the observations, > 0 (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="samples per Fig. 8 method (default 2000; 200 with --quick)")
+                        help="samples per Fig. 8 method (default: 2000; 200 with --quick)")
     parser.add_argument("--problems", type=int, default=None,
-                        help="benchmark problems per cell (default 20; 2 in the slice of 'all')")
+                        help="benchmark problems per cell (default: 20; 2 in the slice of "
+                        "'all'); problems of the cse part (default: 10; 2 with --quick)")
     parser.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=None,
-                        help="benchmark dimensions d (default all; 8 in the slice of 'all')")
+                        help=f"benchmark dimensions d (default: {' '.join(map(str, DIMS))}; 8 "
+                        "in the slice of 'all')")
     parser.add_argument("--dys", type=int, nargs="+", choices=DYS, default=DYS,
-                        help="benchmark measurement sizes dy")
+                        help="benchmark measurement sizes dy (default: "
+                        f"{' '.join(map(str, DYS))})")
     parser.add_argument("--bench-samples", type=int, default=None,
-                        help="benchmark samples per method and reference (protocol: 2000, the "
-                        "default; 100 with --quick)")
+                        help="samples per method and reference in the benchmark and the cse "
+                        "part (default: 2000, the protocol's; 100 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, all cores; 1 on a busy box)")
     parser.add_argument("--quick", action="store_true",

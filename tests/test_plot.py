@@ -144,7 +144,7 @@ def test_image_grid_places_every_panel():
             for sz, cs in zip(sizes, colors, strict=True)]
     rows[1][1] = Image.fromarray(rows[1][1])  # PIL images too
     titles = [["measurement", "restored", "reference"], ["", ""]]
-    image = plot.image_grid(rows, titles=titles, gap=4)
+    image = plot.image_grid(rows, titles=titles, gap=4, min_width=1)
     widths, heights, strips = [40, 50, 20], [30, 25], [20, 0]
     assert image.size == (sum(widths) + 2 * 4, sum(heights) + sum(strips) + 4)
     y = 0
@@ -158,6 +158,74 @@ def test_image_grid_places_every_panel():
         y += strips[i] + heights[i] + 4
     title = np.asarray(image)[:strips[0], :40]
     assert (title < 128).all(-1).any(), "the title is drawn above its panel"
+
+
+def ink_columns(strip) -> np.ndarray:
+    """The x of every column of a strip of an image that holds dark (text) pixels."""
+    return np.flatnonzero((np.asarray(strip) < 128).all(-1).any(0))
+
+
+def test_image_grid_enlarges_small_images_so_titles_fit():
+    """32 px panels, as dmap.py's measurement | restored | reference: drawn 4x (128 px), each
+    source pixel a 4 x 4 block, each title whole (its ink as wide as the text) over its own
+    panel. A 200 px panel keeps its size."""
+    src = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    titles = ["measurement", "restored", "reference"]
+    image = plot.image_grid([[src] * 3], [titles], gap=4)
+    assert image.size == (3 * 128 + 2 * 4, 20 + 128)
+    for j, label in enumerate(titles):
+        x0 = j * (128 + 4)
+        panel = np.asarray(image)[20:, x0:x0 + 128]
+        assert (panel == src.repeat(4, 0).repeat(4, 1)).all(), j
+        ink = ink_columns(image.crop((0, 0, image.width, 20)))
+        ink = ink[(ink >= x0) & (ink < x0 + 128)]
+        assert ink[-1] - ink[0] + 1 >= plot.font().getlength(label) - 2, (label, ink)
+    assert plot.image_grid([[np.zeros((50, 200, 3), np.uint8)]], [["x"]]).size == (200, 70)
+
+
+def test_image_grid_title_is_whole():
+    title = "a title much wider than the one small panel under it"
+    image = plot.image_grid([[np.zeros((8, 8, 3), np.uint8)]], title=title, min_width=1)
+    ink = ink_columns(image.crop((0, 0, image.width, 22)))
+    assert image.width >= 6 + plot.font().getlength(title) and ink[-1] < image.width - 1
+
+
+def runs(pixels, color) -> int:
+    """How many separate runs of `color` a row of pixels holds."""
+    hit = np.concatenate([[False], (np.asarray(pixels) == color).all(-1), [False]])
+    return int(np.diff(hit.astype(int)).clip(0).sum())
+
+
+def test_legend_draws_dashed_lines_dashed():
+    """bar_plot's reference lines are dashed in the plot and in its key: the swatch of a
+    reference is broken into dashes, a series' swatch is one block of its colour."""
+    red = ImageColor.getrgb(plot.COLORS[1])
+    image = plot.bar_plot({"a": [0.5]}, series=["s"], reference=[(0.3, "ref", plot.COLORS[1])])
+    x0, y0, _, _ = image.info["boxes"]["legend"]
+    swatch = np.asarray(image)[y0 + 13 + 18 - 2:y0 + 13 + 18 + 3, x0 + 2:x0 + 28]
+    assert max(runs(row, red) for row in swatch) >= 3
+    series = np.asarray(image)[y0 + 13, x0 + 2:x0 + 28]
+    assert runs(series, ImageColor.getrgb(plot.COLORS[0])) == 1
+
+
+def test_bar_value_labels_leave_the_reference_lines_visible():
+    """Bars that end just left of a dashed reference line, or of the frame: their value labels
+    move right of it, so every dash of every line is drawn where the bars leave it room and no
+    label's box holds a line."""
+    refs = [(0.9, "ref x1", plot.COLORS[0]), (1.0, "ref x2", plot.COLORS[1])]
+    groups = {"a": [0.88, 0.97], "b": [0.85, 0.99], "c": [0.1, 9.5]}
+    image = plot.bar_plot(groups, series=["x1", "x2"], reference=refs, logx=True, xlim=(1e-2, 10))
+    boxes, pixels = image.info["boxes"], np.asarray(image)
+    left, top, right, bottom = boxes["data"]
+    bars = {ImageColor.getrgb(c) for c in plot.COLORS[:2]}
+    for value, _, color in refs:
+        x = left + math.log10(value / 1e-2) / 3 * (right - left)
+        for y in range(top + 1, bottom):
+            if (y - top) % 12 < 6:  # a dash of Axes.vline
+                near_x = {tuple(p) for p in pixels[y, round(x) - 1:round(x) + 2]}
+                assert near_x & (bars | {ImageColor.getrgb(color)}), (value, y, near_x)
+        assert all(not b[0] - 1 <= x <= b[2] + 1 for b in boxes["values"]), (value, boxes)
+    assert all(b[2] < right or b[0] > right for b in boxes["values"])  # none on the frame
 
 
 def test_image_grid_rejects_float_images():

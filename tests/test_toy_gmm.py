@@ -5,12 +5,15 @@ prior: tests/test_samplers.py.)"""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
+from PIL import ImageColor
 
 import dmap
 import metrics
+import plot
 import toy_gmm
 from toy_gmm import F64, GMM
 
@@ -207,6 +210,28 @@ def test_fig8_exact_mode_weights():
         w = prior.posterior(A, y, sigma_y).weights[0].item()
         assert abs(w - 1 / (1 + math.exp(1 / (sigma_y**2 + 0.09)))) < 1e-12
     assert abs(prior.posterior(A, y, 1.0).weights[0] - 0.2855) < 1e-3  # the issue's 0.71/0.29
+
+
+def test_fig8_key_names_every_panel_fill(monkeypatch):
+    """Fig. 8's key says the filled regions are the noise-free posterior (x1 std 0.001 about
+    0.5, drawn a pixel or two wide): in every panel, the exact ones too, the blue shades lie
+    only there and the swatch's colour is among them; the sigma_y = 1 posterior is the orange
+    outline in every panel."""
+    monkeypatch.setattr(plot, "image_grid", lambda rows, **_: rows)
+    x = torch.full((2, 2), 2.4, dtype=F64)  # a corner: no dot over the regions
+    rows = toy_gmm.draw_fig8({"exact, sigma_y=1": x, "exact, sigma_y=0.001": x,
+                              "DPS zeta=0.05": x}, 1.0)
+    *panels, key = [p for row in rows for p in row]
+    swatch = key.getpixel((15, 13))  # draw_legend: the first entry's swatch
+    shades = np.array(plot.SHADES[1:])
+    for j, panel in enumerate(panels):
+        left, top, right, bottom = panel.info["boxes"]["data"]
+        inside = np.asarray(panel)[top + 1:bottom, left + 1:right]
+        filled = (inside[..., None, :] == shades).all(-1).any(-1)
+        x1 = toy_gmm.LIM[0] + (np.flatnonzero(filled.any(0)) + 0.5) / filled.shape[1] * 5
+        assert filled.any() and np.abs(x1 - 0.5).max() < 0.05, (j, x1.min(), x1.max())
+        assert (inside == swatch).all(-1).any(), j
+        assert (inside == ImageColor.getrgb(plot.COLORS[3])).all(-1).any(), j
 
 
 def test_implied_score_of_dps():
