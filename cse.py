@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -523,10 +524,12 @@ def batch_losses(net, sd: dmap.Pipeline, context, images, op, op_args, ks, size,
     return (out.float() - target).pow(2).mean((1, 2, 3))
 
 
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the folder name of a whole checkpoint
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a checkpoint's folder name
+TEMPORARY = re.compile(r"\.checkpoint-\d+")  # one being written (left behind by a kill)
 # What `train` can train (--train), and the file that records how: a CSE (a ControlNet on the
 # frozen UNet) or a pixel-space prior (the UNet itself, for mini.py)
 INFO = {"controlnet": "cse.json", "unet": "prior.json"}
+KEEP_STATE = 2  # the newest checkpoints that keep state.pt: the one before is a fallback
 
 
 def save_checkpoint(out: str, step: int, net: nn.Module, optimizer, info: dict) -> str:
@@ -535,41 +538,56 @@ def save_checkpoint(out: str, step: int, net: nn.Module, optimizer, info: dict) 
     model's scheduler/, so the checkpoint is a pixel-space model folder dmap.load_sd2 reads),
     cse.json or prior.json (what it was trained for, how far) and state.pt (optimizer and step,
     for --resume). Written in a temporary folder and renamed, so a killed run or a full disk
-    never leaves a checkpoint that looks whole; the previous checkpoint then drops its state.pt
-    (the optimizer is twice the network)."""
+    never leaves a checkpoint that looks whole; a failed write removes the temporary folder, and
+    the error propagates. Only the two newest checkpoints keep their state.pt (the optimizer is
+    twice the network): one to resume from, and the one before should its state.pt be lost."""
     what = "controlnet" if isinstance(net, ControlNet) else "unet"
     final, tmp = os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f".checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, what))
-    with open(os.path.join(tmp, what, "config.json"), "w") as f:
-        json.dump(net.cfg.to_diffusers(), f, indent=2)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    safetensors.torch.save_file(
-        state, os.path.join(tmp, what, "diffusion_pytorch_model.safetensors"),
-        metadata={"format": "pt"})
-    if what == "unet":
-        shutil.copytree(os.path.join(info["model"], "scheduler"), os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, INFO[what]), "w") as f:
-        json.dump(dict(info, step=step), f, indent=2)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step},
-               os.path.join(tmp, "state.pt"))
-    if os.path.exists(final):  # a re-run of the same step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for name in os.listdir(out):
-        if CHECKPOINT.fullmatch(name) and name != os.path.basename(final):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name, "state.pt"))
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # a killed run's: free the space first
+        if TEMPORARY.fullmatch(name):
+            shutil.rmtree(os.path.join(out, name))
+    try:
+        os.makedirs(os.path.join(tmp, what))
+        with open(os.path.join(tmp, what, "config.json"), "w") as f:
+            json.dump(net.cfg.to_diffusers(), f, indent=2)
+        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        safetensors.torch.save_file(
+            state, os.path.join(tmp, what, "diffusion_pytorch_model.safetensors"),
+            metadata={"format": "pt"})
+        if what == "unet":
+            shutil.copytree(os.path.join(info["model"], "scheduler"),
+                            os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, INFO[what]), "w") as f:
+            json.dump(dict(info, step=step), f, indent=2)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step},
+                   os.path.join(tmp, "state.pt"))
+        os.replace(tmp, final)  # fails rather than replace a checkpoint-N (train prevents it)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in resumable(out)[:-KEEP_STATE]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(old, "state.pt"))
     return final
 
 
-def last_checkpoint(out: str) -> str | None:
-    """The newest whole checkpoint under out (one with its state.pt), or None."""
+def checkpoints(out: str) -> list[str]:
+    """The checkpoint folders under out, oldest first (with or without state.pt)."""
     if not os.path.isdir(out):
-        return None
-    steps = [int(m.group(1)) for m in map(CHECKPOINT.fullmatch, os.listdir(out))
-             if m and os.path.isfile(os.path.join(out, m.group(0), "state.pt"))]
-    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+        return []
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT.fullmatch, os.listdir(out)) if m)
+    return [os.path.join(out, f"checkpoint-{step}") for step in steps]
+
+
+def resumable(out: str) -> list[str]:
+    """The checkpoints under out that keep their state.pt, oldest first."""
+    return [c for c in checkpoints(out) if os.path.isfile(os.path.join(c, "state.pt"))]
+
+
+def last_checkpoint(out: str) -> str | None:
+    """The newest checkpoint under out that --resume can continue (one with its state.pt)."""
+    return (resumable(out) or [None])[-1]
 
 
 # What a resumed run must share with the run it continues (--steps may grow, the micro-batch
@@ -595,11 +613,22 @@ def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
                          "settings, or another --out for a new run")
     load = load_controlnet if what == "controlnet" else load_unet
     net.load_state_dict(load(os.path.join(path, what), device, torch.float32).state_dict())
+    file = os.path.join(path, "state.pt")
+
+    def unreadable(why: str) -> ValueError:
+        out = os.path.dirname(path)
+        earlier = [c for c in resumable(out) if c != path][-1:]
+        advice = f"move {path} out of {out} to resume from {earlier[0]}" if earlier else \
+            f"no earlier checkpoint in {out} keeps its state.pt: start a new run with another --out"
+        return ValueError(f"{file} is unreadable ({why}); {advice}")
+
     try:
-        state = torch.load(os.path.join(path, "state.pt"), map_location=device)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}/state.pt is unreadable ({e}); delete {path} to resume from "
-                         "the one before") from None
+        state = torch.load(file, map_location=device)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise unreadable(e.strerror if isinstance(e, OSError) and e.strerror else
+                         "not a whole PyTorch file: truncated, or a Git LFS pointer?") from None
+    if not (isinstance(state, dict) and {"optimizer", "step"} <= state.keys()):
+        raise unreadable("not the optimizer state that cse.py train writes")
     optimizer.load_state_dict(state["optimizer"])
     return dict(old, step=state["step"])
 
@@ -678,9 +707,16 @@ def train(args) -> str:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    last = last_checkpoint(args.out)  # --resume with nothing to resume starts afresh
-    if last and not args.resume:
-        raise ValueError(f"{last} exists; pass --resume to continue it, or another --out")
+    found, last = checkpoints(args.out), last_checkpoint(args.out)
+    if found and not args.resume:
+        raise ValueError(f"{found[-1]} exists; pass --resume to continue it, or another --out")
+    if found and found[-1] != last:  # (--resume into an empty or missing --out starts afresh)
+        raise ValueError(
+            f"--resume: {found[-1]} has no state.pt (the optimizer state); move the checkpoints "
+            f"after {os.path.basename(last)} out of {args.out} to resume from {last}" if last else
+            f"--resume: {args.out} holds {', '.join(map(os.path.basename, found))}, but none "
+            "keeps its state.pt (the optimizer state, which only the two newest keep): put it "
+            "back, or start a new run with another --out")
     prior = args.train == "unet"
     if prior and not dmap.is_pixel_model(args.model):
         raise ValueError(f"--train unet trains a pixel-space model (unet/ with 3 input channels "
@@ -766,10 +802,13 @@ def train(args) -> str:
                 try:
                     last = save_checkpoint(args.out, finished, net, optimizer,
                                            dict(info, loss=loss, losses=losses))
-                except OSError as e:
-                    raise ValueError(f"cannot write checkpoint-{finished} under {args.out} "
-                                     f"({e.strerror}); {last or 'no earlier checkpoint'} is "
-                                     "intact: free space and run again with --resume") from None
+                except (OSError, RuntimeError, safetensors.SafetensorError) as e:
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else \
+                        str(e).strip().partition("\n")[0] or type(e).__name__
+                    raise ValueError(
+                        f"cannot write checkpoint-{finished} under {args.out} ({why}); " + (
+                            f"{last} is intact: free space and continue with --resume" if last
+                            else "no earlier checkpoint: free space and run again")) from None
             if rank == 0 and args.validate_every and finished % args.validate_every == 0 \
                     and val:
                 panel = validation_panel(sd, None if prior else net, context, op, val,
@@ -810,14 +849,20 @@ def generate(args) -> int:
     sigmas = dmap.sd_sigmas(args.steps, sd.abar)
     latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
     os.makedirs(args.out, exist_ok=True)
-    for i in tqdm(todo, desc="generate", unit="image", disable=rank != 0):
-        g = torch.Generator(device).manual_seed(args.seed + i)
-        noise = dmap.noise_like(torch.empty(latent, device=device), g)  # float32 latents
-        z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
-        with torch.no_grad():
-            image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))
-        cli.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
-    return len(todo)
+    written = 0
+    try:
+        for i in tqdm(todo, desc="generate", unit="image", disable=rank != 0):
+            g = torch.Generator(device).manual_seed(args.seed + i)
+            noise = dmap.noise_like(torch.empty(latent, device=device), g)  # float32 latents
+            z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
+            with torch.no_grad():
+                image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))
+            cli.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
+            written += 1
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"after {written} new image(s) in {args.out}; the same command "
+                                "writes the rest") from None
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,60 +874,68 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("train", help="train a CSE on a folder of images",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = commands.add_parser("train", help="train a CSE on a folder of images")
     gen = commands.add_parser("generate", help="the self-generated training set (SD 2.0 "
-                              "samples)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              "samples)")
     for q in (t, gen):
         q.add_argument("--model", default=os.environ.get("SD2_MODEL",
                                                          "./weights/stable-diffusion-2-base"),
-                       help="SD 2.0 pipeline folder or single .safetensors file ($SD2_MODEL)")
+                       help="SD 2.0 pipeline folder or single .safetensors file (default: "
+                       "$SD2_MODEL or %(default)s)")
         q.add_argument("--prediction", choices=["eps", "v"],
-                       help="eps (512-base) or v (768-v), for a single-file checkpoint")
+                       help="eps (512-base) or v (768-v), for a single-file checkpoint (default: "
+                       "the folder's scheduler config, eps for a single file)")
         q.add_argument("--out", required=True, help="output folder")
-        q.add_argument("--size", type=int, default=512, help="image size in pixels")
-        q.add_argument("--seed", type=int, default=0, help="random seed")
+        q.add_argument("--size", type=int, default=512,
+                       help="image size in pixels (default: %(default)s)")
+        q.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (under torchrun: cuda:LOCAL_RANK)")
+                       help="torch device (default: %(default)s; under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--train", default="controlnet", choices=list(INFO),
                    help="what learns: a CSE (a ControlNet on the frozen UNet), or the UNet of a "
-                   "pixel-space model itself (a prior, as mini.py trains; --op unused)")
+                   "pixel-space model itself (a prior, as mini.py trains; --op unused) "
+                   "(default: %(default)s)")
     t.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
-                   help="the degradation the CSE learns")
+                   help="the degradation the CSE learns (default: %(default)s)")
     t.add_argument("--images", required=True, help="folder of training images (recursive)")
     t.add_argument("--n", "--num-images", dest="n", type=int, default=100,
                    help="images chosen from the folder (the paper: 25, 50, 100, 1000); under "
-                   "torchrun spell it --num-images (torchrun reads --n as its own)")
-    t.add_argument("--data-seed", type=int, default=42, help="seed of that choice (the "
-                   "authors' random.seed(42))")
-    t.add_argument("--steps", type=int, default=5000, help="optimizer steps")
+                   "torchrun spell it --num-images (torchrun reads --n as its own) "
+                   "(default: %(default)s)")
+    t.add_argument("--data-seed", type=int, default=42, help="seed of that choice (default: "
+                   "%(default)s, the authors' random.seed(42))")
+    t.add_argument("--steps", type=int, default=5000,
+                   help="optimizer steps (default: %(default)s)")
     t.add_argument("--batch", type=int, default=64, help="effective batch, whatever the "
-                   "number of processes")
+                   "number of processes (default: %(default)s)")
     t.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass (per "
-                   "process); the batch accumulates over them")
-    t.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate")
+                   "process); the batch accumulates over them (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=5e-6,
+                   help="AdamW learning rate (default: %(default)s)")
     t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant (the authors'), or cosine decay to 0 at --steps (a prior "
                    "trained from scratch: its last weights, not a noisy snapshot; a resumed "
-                   "run must then keep --steps)")
+                   "run must then keep --steps) (default: %(default)s)")
     t.add_argument("--bf16", action="store_true", help="frozen networks in bfloat16 and "
                    "bfloat16 autocast (fp32 master weights and optimizer)")
     t.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in "
                    "the backward pass (less memory, about 1.3x the time)")
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between "
-                   "checkpoints")
+                   "checkpoints (default: %(default)s)")
     t.add_argument("--validate-every", type=int, default=500, help="steps between validation "
-                   "panels (0: none)")
+                   "panels, 0: none (default: %(default)s)")
     t.add_argument("--validation-steps", type=int, default=25, help="sampling steps of the "
-                   "validation panel")
-    t.add_argument("--resume", action="store_true", help="continue from the newest whole "
-                   "checkpoint in --out")
+                   "validation panel (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "newest checkpoint (an empty --out starts afresh)")
     dmap.add_operator_flags(t)
     gen.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
-                     help="number of images (under torchrun: --num-images)")
-    gen.add_argument("--steps", type=int, default=50, help="sampling steps (Euler ancestral)")
+                     help="number of images (under torchrun: --num-images) (default: "
+                     "%(default)s)")
+    gen.add_argument("--steps", type=int, default=50,
+                     help="sampling steps, Euler ancestral (default: %(default)s)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                     help="model dtype (the authors: float16)")
+                     help="model dtype (default: %(default)s; the authors: float16)")
     args = p.parse_args(argv)
     if args.command == "train":  # dmap.build_operator's flags
         try:
@@ -905,7 +958,7 @@ def main(argv=None) -> int:
                 torch.distributed.destroy_process_group()
         return f"{done} in {time.perf_counter() - start:.0f} s"
 
-    return cli.run(body, interrupted="before the first step; nothing written")
+    return cli.run(body, interrupted="while starting; nothing written")
 
 
 if __name__ == "__main__":

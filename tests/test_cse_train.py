@@ -6,11 +6,14 @@ and one DPS+CSE step equals the authors' order written with diffusers."""
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import skimage.data
 import torch
 from conftest import SD2_SCHEDULER, assert_close, randomize, tiny_pipeline
@@ -47,6 +50,15 @@ def train_argv(setup, out, *extra):
 
 def weights(checkpoint) -> dict:
     return load_file(os.path.join(checkpoint, "controlnet", "diffusion_pytorch_model.safetensors"))
+
+
+def error_line(capsys) -> str:
+    """The one `error:` line a failed command printed (after the progress bar), no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
 
 
 def fixed_loss(root, images, controlnet) -> float:
@@ -96,8 +108,8 @@ def test_checkpoint_loads_in_diffusers(setup, tmp_path):
 
 def test_resume_is_exact(setup, tmp_path, monkeypatch, capsys):
     """Killed in step 3 (Ctrl-C), resumed with --resume: checkpoint-3 is bit-identical to the
-    uninterrupted run's; a half-written checkpoint folder is ignored; only the newest
-    checkpoint keeps the optimizer state."""
+    uninterrupted run's; a half-written checkpoint folder is ignored; only the two newest
+    checkpoints keep the optimizer state."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert cse.main(train_argv(setup, whole)) == 0
     calls, real = [], cse.batch_losses
@@ -119,7 +131,7 @@ def test_resume_is_exact(setup, tmp_path, monkeypatch, capsys):
     assert not torch.equal(a["controlnet_mid_block.weight"],
                            weights(whole / "checkpoint-2")["controlnet_mid_block.weight"])
     states = sorted(p.parent.name for p in broken.glob("checkpoint-*/state.pt"))
-    assert states == ["checkpoint-3"]
+    assert states == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_two_processes_equal_one(setup, tmp_path):
@@ -224,6 +236,27 @@ def test_generate_resumes(setup, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png", "000002.png"]
 
 
+def test_generate_interrupted(setup, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second image: exit 130, one line that counts the image kept and says how
+    to go on."""
+    calls, real = [], dmap.ddpm
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dmap, "ddpm", interrupted)
+    argv = ["generate", "--model", setup[0], "--out", str(tmp_path), "--n", "3", "--steps", "2",
+            "--size", "32", "--device", "cpu"]
+    assert cse.main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"interrupted after 1 new image(s) in {tmp_path}; the same command writes "
+                    "the rest")
+    assert os.listdir(tmp_path) == ["000000.png"]
+
+
 def test_augmentation(tmp_path):
     """The torchvision fallback crop (a scale no box can meet: the centre crop of the nearest
     allowed ratio), the flip and jitter ranges, and reproducibility from the generator."""
@@ -296,3 +329,126 @@ def test_gradient_checkpointing_changes_nothing():
         loss.backward()
         grads.append([loss.detach()] + [p.grad.clone() for p in c.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads, strict=True))
+
+
+def test_full_disk_while_writing_a_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    """The network's or the optimizer's file cannot be written (safetensors' and torch.save's
+    own errors on a full disk): one line naming --out and the last whole checkpoint, exit 2, no
+    temporary folder left; the earlier checkpoint is intact and the run resumes from it."""
+    run = tmp_path / "run"
+    assert cse.main(train_argv(setup, run, "--steps", "1")) == 0
+    before = weights(run / "checkpoint-1")
+
+    def full(error, message):  # a writer that writes a part of its file, then finds no space
+        def write(obj, path, *args, **kwargs):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise error(message)
+
+        return write
+
+    writers = [(safetensors.torch, "save_file", safetensors.SafetensorError,
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                '"No space left on device" })'),
+               (torch, "save", RuntimeError, "[enforce fail at inline_container.cc:626] . "
+                "unexpected pos 1216 vs 1114")]
+    for module, name, error, message in writers:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, full(error, message))
+            assert cse.main(train_argv(setup, run, "--steps", "2", "--resume")) == 2
+        line = error_line(capsys)
+        assert f"checkpoint-2 under {run}" in line and f"{run}/checkpoint-1 is intact" in line
+        assert sorted(os.listdir(run)) == ["checkpoint-1"]
+        after = weights(run / "checkpoint-1")
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    with monkeypatch.context() as m:  # the first checkpoint: nothing earlier to name
+        m.setattr(torch, "save", full(RuntimeError, "unexpected pos"))
+        assert cse.main(train_argv(setup, tmp_path / "new", "--steps", "1")) == 2
+    assert "no earlier checkpoint" in error_line(capsys)
+    assert os.listdir(tmp_path / "new") == []
+    assert cse.main(train_argv(setup, run, "--steps", "2", "--resume")) == 0
+    assert (run / "checkpoint-2" / "state.pt").is_file()
+
+
+def test_unreadable_state(setup, tmp_path, monkeypatch, capsys):
+    """--resume with a newest state.pt that is no torch file (a Git LFS pointer): one line that
+    says to move that checkpoint away to resume from the one before, which still holds its
+    state.pt; doing so resumes from it (one step trained), to the same weights. Without an
+    earlier one (the only state.pt is not the optimizer's) the line says to start a new run."""
+    run = tmp_path / "run"
+    assert cse.main(train_argv(setup, run)) == 0
+    (run / "checkpoint-3" / "state.pt").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n")
+    assert cse.main(train_argv(setup, run, "--resume")) == 2
+    line = error_line(capsys)
+    assert f"{run}/checkpoint-3/state.pt is unreadable" in line
+    assert f"move {run}/checkpoint-3 out of {run} to resume from {run}/checkpoint-2" in line
+    shutil.move(run / "checkpoint-3", tmp_path / "aside")
+    calls, real = [], cse.batch_losses
+    monkeypatch.setattr(cse, "batch_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cse.main(train_argv(setup, run, "--resume")) == 0
+    assert len(calls) == 2  # step 3 only: two micro-batches
+    a, b = weights(tmp_path / "aside"), weights(run / "checkpoint-3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one = tmp_path / "one"
+    assert cse.main(train_argv(setup, one, "--steps", "1")) == 0
+    torch.save({"step": 1}, one / "checkpoint-1" / "state.pt")
+    assert cse.main(train_argv(setup, one, "--steps", "2", "--resume")) == 2
+    line = error_line(capsys)
+    assert "no earlier checkpoint" in line and "another --out" in line
+
+
+def test_resume_never_restarts(setup, tmp_path, capsys):
+    """--resume continues the newest checkpoint or nothing: one without its state.pt is
+    refused in one line that names the one before to resume from; checkpoints that all lack it
+    (copied without it) are refused, named, rather than trained again from step 0 over them."""
+    run = tmp_path / "run"
+    assert cse.main(train_argv(setup, run)) == 0
+    before = {c.name: weights(c) for c in run.iterdir()}
+    (run / "checkpoint-3" / "state.pt").unlink()
+    assert cse.main(train_argv(setup, run, "--steps", "4", "--resume")) == 2
+    line = error_line(capsys)
+    assert f"{run}/checkpoint-3 has no state.pt" in line
+    assert f"out of {run} to resume from {run}/checkpoint-2" in line
+    for state in run.glob("checkpoint-*/state.pt"):
+        state.unlink()
+    assert cse.main(train_argv(setup, run, "--steps", "4", "--resume")) == 2
+    line = error_line(capsys)
+    assert f"{run} holds checkpoint-1, checkpoint-2, checkpoint-3, but none keeps" in line
+    assert sorted(os.listdir(run)) == sorted(before)
+    for name, a in before.items():
+        b = weights(run / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_a_run(setup, tmp_path, capsys):
+    """Any checkpoint-N in --out is a run, with or without its state.pt: a new run with other
+    settings and no --resume is refused and overwrites nothing. A temporary .checkpoint-N of a
+    killed run is not one: a new run removes it."""
+    run = tmp_path / "run"
+    assert cse.main(train_argv(setup, run)) == 0
+    for newest in ("checkpoint-3", "checkpoint-2"):
+        shutil.move(run / newest, tmp_path / newest)
+    before = weights(run / "checkpoint-1")
+    assert cse.main(train_argv(setup, run, "--lr", "2e-3")) == 2
+    assert f"{run}/checkpoint-1 exists; pass --resume" in error_line(capsys)
+    after = weights(run / "checkpoint-1")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    killed = tmp_path / "killed"
+    (killed / ".checkpoint-7" / "controlnet").mkdir(parents=True)
+    assert cse.main(train_argv(setup, killed, "--steps", "1")) == 0
+    assert sorted(os.listdir(killed)) == ["checkpoint-1"]
+
+
+def test_help(capsys):
+    """Every flag's default shows once, none for a flag without one or a required one."""
+    for command, flag in (("train", "--sr-factor SR_FACTOR SR downscaling factor (default: 8)"),
+                          ("generate", "--n N, --num-images N number of images (under "
+                           "torchrun: --num-images) (default: 1000)")):
+        with pytest.raises(SystemExit):
+            cse.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), text
+        assert "--out OUT output folder --size SIZE image size in pixels (default: 512)" in text
+        assert flag in text
