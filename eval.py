@@ -18,6 +18,8 @@ import cli  # first: Ctrl-C while torch imports is one line (cli.py)
 
 import argparse
 import ctypes
+import glob
+import hashlib
 import json
 import math
 import os
@@ -88,9 +90,15 @@ class Scorer:
             raise ValueError(f"--metrics takes a comma list of {', '.join(METRICS)}; got "
                              f"{','.join(names) or 'nothing'}")
         self.names, self.device = list(names), device
-        self.lpips = metrics.LPIPS.load(weights).to(device) if "lpips" in names else None
-        self.inception = metrics.FIDInception.load(weights).to(device) \
-            if {"fid", "kid"} & set(names) else None
+        try:
+            self.lpips = metrics.LPIPS.load(weights).to(device) if "lpips" in names else None
+            self.inception = metrics.FIDInception.load(weights).to(device) \
+                if {"fid", "kid"} & set(names) else None
+        except ValueError as e:  # a weight file missing or unreadable: the metrics without one
+            networks = [m for m in self.names if m in ("lpips", "fid", "kid")]
+            rest = [m for m in self.names if m not in networks] or ["psnr", "ssim"]
+            leave = " and ".join(filter(None, [", ".join(networks[:-1]), networks[-1]]))
+            raise ValueError(f"{e}, or leave {leave} out: --metrics {','.join(rest)}") from None
 
     @torch.no_grad()
     def pair(self, ref: np.ndarray, pred: np.ndarray) -> dict:
@@ -271,6 +279,7 @@ PAPER_METHODS = "dps,dsg,dmap,dmap-same,freedom,resample,psld"
 # Settings that change a restoration: a rerun into the same --out must keep them.
 RUN_KEYS = ("model", "prediction", "size", "steps", "seed", "sigma_y", "dtype", "cse", "batch",
             "metrics", "zeta", "operator_flags")
+RESUMES = "every restoration with a record is whole: rerun the same command to continue"
 
 
 def parse_map(text: str | None, what: str, value=str) -> dict:
@@ -431,16 +440,62 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def check_run(args, settings: dict) -> None:
-    """--out holds one run: a rerun with other settings would mix two experiments."""
-    path = os.path.join(args.out, "run.json")
-    if os.path.exists(path):
+def images_sha256(images) -> dict:
+    """{stem: the sha256 of the file's bytes} of a run's images: other bytes under the same
+    names are other images."""
+    out = {}
+    for _, stem, path in images:
+        with open(path, "rb") as f:
+            out[stem] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def parsed(path: str) -> dict | None:
+    """The JSON object in the file `path`; None when it holds none (truncated, or not JSON)."""
+    try:
         with open(path) as f:
-            old = json.load(f)
-        for key in RUN_KEYS:
-            if old.get(key) != settings[key]:
-                raise ValueError(f"{args.out} holds a run with {key} = {old.get(key)!r}, not "
-                                 f"{settings[key]!r}; use another --out")
+            value = json.load(f)
+    except ValueError:  # json's errors, and bytes that are not text
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def made_of(out: str, stem: str) -> bool:
+    """Whether --out holds anything made of the image `stem`: its reference (written before
+    its restorations), a restoration or a measurement."""
+    return any(os.path.exists(os.path.join(out, "reference", stem + e)) for e in (".png", ".npy")) \
+        or bool(glob.glob(os.path.join(glob.escape(out), "*", "*", glob.escape(stem) + ".png")))
+
+
+def check_run(args, images, settings: dict) -> dict | None:
+    """--out holds one run: a rerun with other images or settings would mix two experiments.
+    An image whose bytes changed before anything was made of it (one that could not be read,
+    since fixed) is no other run. -> what run.json is to hold, None when it holds it."""
+    path = os.path.join(args.out, "run.json")
+    if not os.path.exists(path):
+        return settings
+    old = parsed(path)
+    if old is None:
+        raise ValueError(f"{path} does not parse: it holds the settings of the run in --out; "
+                         "delete it if this command's settings are that run's, or use another "
+                         "--out")
+    other = [why for key, why in (
+        ("images", f"folder {old.get('images')}, not {settings['images']}"),
+        ("n", f"n = {old.get('n')}, not {settings['n']}")) if old.get(key) != settings[key]]
+    # A settings file without images_sha256 was written before the images' bytes were kept:
+    # they cannot be checked, and are kept from now on.
+    kept, now = old.get("images_sha256"), settings["images_sha256"]
+    if kept is not None:
+        other += [f"other bytes in {os.path.basename(file)}" for _, stem, file in images
+                  if kept.get(stem) != now[stem] and made_of(args.out, stem)]
+    if other:
+        raise ValueError(f"--out {args.out} holds a run of other images ({other[0]}); use "
+                         "another --out")
+    for key in RUN_KEYS:
+        if old.get(key) != settings[key]:
+            raise ValueError(f"--out {args.out} holds a run with {key} = {old.get(key)!r}, not "
+                             f"{settings[key]!r}; use another --out")
+    return None if kept == now else dict(old, images_sha256=now)
 
 
 class Run:
@@ -478,7 +533,7 @@ class Run:
                 not os.path.exists(os.path.join(folder, stem + ".npy")):
             features = self.scorer.features(image)
             cli.write_atomic(os.path.join(folder, stem + ".npy"),
-                              lambda tmp: np.save(tmp, features))
+                             lambda tmp: np.save(tmp, features))
         if not os.path.exists(os.path.join(folder, stem + ".png")):
             cli.write_atomic(os.path.join(folder, stem + ".png"), Image.fromarray(image).save)
         return image, x
@@ -516,11 +571,11 @@ class Run:
             measurement = os.path.join(self.args.out, op_name, "measurement", s + ".png")
             if not os.path.exists(measurement):
                 cli.write_atomic(measurement,
-                                  Image.fromarray(dmap.to_uint8(hint[b:b + 1])).save)
+                                 Image.fromarray(dmap.to_uint8(hint[b:b + 1])).save)
             features = self.scorer.features(image)
             if features is not None:
                 cli.write_atomic(os.path.join(folder, s + ".npy"),
-                                  lambda tmp, f=features: np.save(tmp, f))
+                                 lambda tmp, f=features: np.save(tmp, f))
             record = dict(image=os.path.abspath(p), index=i, seed=seed, batch=len(batch),
                           method=method, op=op_name, operator=op_args,
                           sampler=dict(kwargs, steps=steps), seconds=round(seconds, 3),
@@ -531,13 +586,20 @@ class Run:
 
 def todo(args, images, ops, methods, rank, world) -> list:
     """This process's work: (op, method, batch) for its images (every world-th, so the shards
-    are disjoint and cover every image) that have no record yet."""
+    are disjoint and cover every image) that have no record yet, or one that does not parse (a
+    line on stderr names it)."""
     mine = [im for im in images if im[0] % world == rank]
     work = []
     for op in ops:
         for method in methods:
-            left = [im for im in mine if not os.path.exists(
-                os.path.join(args.out, op, method, im[1] + ".json"))]
+            left = []
+            for im in mine:
+                path = os.path.join(args.out, op, method, im[1] + ".json")
+                if not os.path.exists(path):
+                    left.append(im)
+                elif parsed(path) is None:
+                    print(f"{path} does not parse; restoring it again", file=sys.stderr)
+                    left.append(im)
             work += [(op, method, left[k:k + args.batch]) for k in range(0, len(left),
                                                                          args.batch)]
     return work
@@ -545,13 +607,19 @@ def todo(args, images, ops, methods, rank, world) -> list:
 
 def collect(args, images, ops, methods) -> dict:
     """The table's numbers from the files on disk (all shards): per operator and method the
-    summary, the mean time and the peak memory; ValueError naming what is missing."""
+    summary, the mean time and the peak memory; ValueError naming what is missing or does not
+    parse."""
     names = args.metrics.split(",")
-    missing = [f"{op}/{m}/{stem}" for op in ops for m in methods for _, stem, _ in images
-               if not os.path.exists(os.path.join(args.out, op, m, stem + ".json"))]
+    on_disk = {}
+    for op in ops:
+        for m in methods:
+            for _, stem, _ in images:
+                path = os.path.join(args.out, op, m, stem + ".json")
+                on_disk[op, m, stem] = parsed(path) if os.path.exists(path) else None
+    missing = ["/".join(key) for key, record in on_disk.items() if record is None]
     if missing:
-        raise ValueError(f"{len(missing)} restorations are missing (first: {missing[0]}); run "
-                         "the same command again to complete them")
+        raise ValueError(f"{len(missing)} restorations are missing or unreadable (first: "
+                         f"{missing[0]}); run the same command again to redo them")
     feats = {"fid", "kid"} & set(names)
 
     def load(path):
@@ -567,10 +635,7 @@ def collect(args, images, ops, methods) -> dict:
     for op in ops:
         for m in methods:
             folder = os.path.join(args.out, op, m)
-            records = []
-            for _, stem, _ in images:
-                with open(os.path.join(folder, stem + ".json")) as f:
-                    records.append(json.load(f))
+            records = [on_disk[op, m, stem] for _, stem, _ in images]
             pred = [load(os.path.join(folder, s + ".npy")) for _, s, _ in images] \
                 if feats else None
             pred_pixels = [sw_pixels(read_uint8(os.path.join(folder, s + ".png")))
@@ -653,6 +718,7 @@ def run(args) -> str:
     rank, world, device = cse.distributed(torch.device(args.device))
     args.device = str(device)
     settings = dict(images=os.path.abspath(args.images), n=len(images),
+                    images_sha256=images_sha256(images),
                     model=os.path.abspath(args.model), prediction=args.prediction,
                     size=args.size, steps=args.steps, seed=args.seed, sigma_y=args.sigma_y,
                     dtype=args.dtype, cse={op: os.path.abspath(cse_for(args, op)) for op in ops
@@ -661,7 +727,7 @@ def run(args) -> str:
                     operator_flags={k: getattr(args, k) for k in dmap.OPERATOR_FLAGS
                                     if getattr(args, k) is not None},
                     device=device.type, code=code_version())
-    check_run(args, settings)
+    stale = check_run(args, images, settings)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -670,30 +736,29 @@ def run(args) -> str:
     if work:
         context = Run(args, device, getattr(torch, args.dtype),
                       {op for op, m, _ in work if m.endswith("cse")})
-        if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
-            cli.write_json(os.path.join(args.out, "run.json"), settings)
+    if rank == 0 and stale is not None:  # after loading: a run that cannot start leaves none
+        cli.write_json(os.path.join(args.out, "run.json"), stale)
+    if work:
         for op, m, batch in tqdm(work, desc=f"rank {rank}" if world > 1 else "restore",
                                  unit="batch", position=rank):
             try:
                 context.restore(op, m, batch)
             except KeyboardInterrupt:
-                raise KeyboardInterrupt(f"during {m} {op} on {batch[0][1]}; every restoration "
-                                        "with a record is whole, rerun to continue") from None
+                raise KeyboardInterrupt(f"while restoring {batch[0][1]} with {m} ({op}); "
+                                        f"{RESUMES}") from None
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return f"rank {rank}: {len(work)} batches restored"
-    if not os.path.exists(os.path.join(args.out, "run.json")):
-        cli.write_json(os.path.join(args.out, "run.json"), settings)
     table = collect(args, images, ops, methods)
     text = table_markdown(args, table, ops, methods, settings, left_out)
     cli.write_text(os.path.join(args.out, "table.md"), text)
     cli.write_json(os.path.join(args.out, "table.json"), dict(settings=settings, table=table,
-                                                          left_out=left_out))
+                                                         left_out=left_out))
     if args.grid:
         for op in ops:
             cli.write_atomic(os.path.join(args.out, op, "grid.png"),
-                              grid(args, op, methods, images).save)
+                             grid(args, op, methods, images).save)
     print(text)
     return f"{len(work)} batches restored, table of {len(images)} images in " \
         f"{os.path.join(args.out, 'table.md')}"
@@ -920,11 +985,26 @@ def draw_observations(done, maps) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, once: not for a required flag, a flag without
+    one (None) or a switch, nor where the help already says it; a list as it is typed."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if action.required or default is None or default is False or \
+                default is argparse.SUPPRESS or "(default" in help:
+            return help
+        if isinstance(default, list):
+            default = " ".join(map(str, default))
+        return f"{help} (default: {str(default).replace('%', '%%')})"
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     s = commands.add_parser("score", help="metrics of --pred against --ref", formatter_class=fmt)
     r = commands.add_parser("run", help="restore a folder with every method; the paper's table",
                             formatter_class=fmt)
@@ -1028,8 +1108,12 @@ def main(argv=None) -> int:
                 torch.distributed.destroy_process_group()
         return f"{done} in {time.perf_counter() - start:.0f} s"
 
-    return cli.run(body, interrupted="before the end; what was written is whole, rerun to continue",
-                   file=sys.stderr)
+    interrupted = {"score": "while scoring; nothing written",
+                   "speed": "during the benchmark; nothing written",
+                   "run": f"before the end; {RESUMES}",
+                   "observe": "before the end; every part on disk is whole: rerun the same "
+                              "command to continue"}[args.command]
+    return cli.run(body, interrupted=interrupted, to_stderr=True)
 
 
 if __name__ == "__main__":

@@ -523,7 +523,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="image size in pixels")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="network dtype; latents, sigmas and the guidance step stay float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     methods = ", ".join(m for m in evaluation.METHODS if m != "cse")
     p.add_argument("--methods", default="dps,dmap-same,dmap", help=f"comma list of {methods}")
     p.add_argument("--op", default="sr", choices=["sr", "blur", "inpaint"],

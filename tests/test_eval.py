@@ -2,6 +2,7 @@
 dmap.py restores, resumes without recomputing, shards over torchrun (2 processes = 1 process);
 the Sec. 3 estimators against the exact Gaussian mixture of toy_gmm.py; bad input."""
 
+import hashlib
 import json
 import os
 import re
@@ -238,6 +239,123 @@ def test_zeta_operator_flags_sw_and_measurement_fit(setup, tmp_path):
     assert "y RMSE" in (out / "table.md").read_text()
 
 
+def test_a_rerun_with_other_images_is_refused(setup, tmp_path, capsys):
+    """The images are part of a run's settings: a rerun into its --out with another folder,
+    another --n, or other bytes under the same names is refused (else the table names the new
+    images and holds the old ones' restorations); a settings file written before the images'
+    fingerprint was kept still resumes."""
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "run"
+    for folder, names in ((first, ("astronaut", "camera")), (second, ("chelsea", "coffee"))):
+        folder.mkdir()
+        for stem, name in zip("ab", names, strict=True):
+            Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{stem}.png")
+
+    def argv(images, *extra):
+        return run_argv((setup[0], str(images), setup[2]), out, "--methods", "dps", "--n", "2",
+                        "--metrics", "psnr", *extra)
+
+    assert evaluation.main(argv(first)) == 0
+    whole = (first / "b.png").read_bytes()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    Image.fromarray(skimage.data.rocket()).save(changed / "b.png")
+    capsys.readouterr()
+    for images, extra, why in ((second, (), "folder"), (first, ("--n", "1"), "n = 2, not 1"),
+                               (changed, (), "other bytes in b.png")):
+        if images is changed:  # the same folder and names, one file rewritten
+            (first / "b.png").write_bytes((changed / "b.png").read_bytes())
+            images = first
+        assert evaluation.main(argv(images, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out} holds a run of other images" in err[0] and \
+            why in err[0] and err[0].endswith("use another --out"), err
+    (first / "b.png").write_bytes(whole)
+    settings = json.loads((out / "run.json").read_text())
+    del settings["images_sha256"]
+    (out / "run.json").write_text(json.dumps(settings))
+    assert evaluation.main(argv(first)) == 0
+    assert "0 batches restored" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["images_sha256"] == {  # kept from now on
+        s: hashlib.sha256((first / f"{s}.png").read_bytes()).hexdigest() for s in "ab"}
+    assert evaluation.main(argv(second)) == 2  # its folder is still checked
+
+
+def test_a_corrupt_record_is_redone(setup, tmp_path, capsys):
+    """A record that does not parse (a truncated file) is work not done: the rerun says so,
+    naming it, and redoes that restoration alone; the table never dies on one. A settings
+    file that does not parse is one line naming it."""
+    out = tmp_path / "run"
+    argv = run_argv(setup, out, "--methods", "dps", "--n", "2", "--metrics", "psnr")
+    assert evaluation.main(argv) == 0
+    first = table(out)
+    record = out / "sr" / "dps" / "camera.json"
+    whole = json.loads(record.read_text())
+    record.write_text(record.read_text()[:150])
+    args = evaluation.parse_args(argv)
+    images, _ = evaluation.image_list(args)
+    with pytest.raises(ValueError, match="1 restorations are missing or unreadable .*camera"):
+        evaluation.collect(args, images, ["sr"], ["dps"])
+    kept = os.stat(out / "sr" / "dps" / "astronaut.json").st_mtime_ns
+    capsys.readouterr()
+    assert evaluation.main(argv) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "camera.json" in line] == \
+        [f"{record} does not parse; restoring it again"]
+    assert "1 batches restored" in err
+    assert os.stat(out / "sr" / "dps" / "astronaut.json").st_mtime_ns == kept
+    redone = json.loads(record.read_text())
+    for r in (whole, redone):
+        r.pop("seconds"), r.pop("peak_mb")
+    assert redone == whole and table(out) == first
+    (out / "run.json").write_text("{")
+    assert evaluation.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'run.json'} does not parse" in err[0], err
+
+
+@pytest.mark.parametrize("command", ["run", "score", "observe", "speed"])
+def test_help_gives_each_default_once(command, capsys):
+    """A flag's help ends with its default once; none for required flags, flags without one
+    (None) and switches; lists as they are typed."""
+    with pytest.raises(SystemExit):
+        evaluation.parse_args([command, "--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    flags = {}
+    for block in re.split(r"\n  (?=-)", text)[1:]:
+        block = " ".join(block.split())
+        flags[block.split()[0].strip(",")] = block
+    for flag, block in flags.items():
+        assert block.count("(default") <= 1 and "(default: None)" not in block and \
+            "(default: False)" not in block and "(default: [" not in block, block
+        assert len(block.split()) > 2, f"{flag} has no help"
+    required = {"run": ["--images", "--out"], "score": ["--ref", "--pred"],
+                "observe": ["--image", "--out", "--cse"], "speed": []}[command]
+    for flag in required:
+        assert "(default" not in flags[flag], flags[flag]
+    expected = {"run": {"--seed": "0", "--sigma-y": "0.0", "--n": "1000"},
+                "score": {"--metrics": "psnr,ssim,lpips,fid,kid,sw"},
+                "observe": {"--seed": "0", "--steps": "50"},
+                "speed": {"--batch": "1", "--checkpointing": "none", "--seed": "0"}}[command]
+    for flag, default in expected.items():
+        assert flags[flag].endswith(f"(default: {default})"), flags[flag]
+
+
+def test_ctrl_c_is_one_line_that_says_what_was_kept(setup, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation.Run, "restore", interrupt)
+    assert evaluation.main(run_argv(setup, tmp_path / "run", "--methods", "dps", "--n", "1",
+                                    "--metrics", "psnr")) == 130
+    err = capsys.readouterr().err.strip().splitlines()  # after the progress bar
+    assert err[-1].startswith("interrupted") and "astronaut" in err[-1] and \
+        err[-1].count("rerun") == 1, err
+    monkeypatch.setattr(evaluation.Scorer, "pair", interrupt)
+    assert evaluation.main(["score", "--ref", setup[1], "--pred", setup[1], "--metrics",
+                            "psnr"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "interrupted while scoring; nothing written"
+
 @pytest.mark.parametrize("extra, message", [
     (["--zeta", "dps"], "--zeta takes a comma list of NAME=VALUE"),
     (["--zeta", "dpz=1"], "--zeta dpz: name a method"),
@@ -274,7 +392,11 @@ def test_empty_folder_and_missing_weights(setup, tmp_path, capsys, monkeypatch):
     assert "holds no readable image" in capsys.readouterr().err
     assert evaluation.main(["score", "--ref", setup[1], "--pred", setup[1], "--metric-weights",
                             str(tmp_path / "empty")]) == 2
-    assert "alexnet-owt-7be5be79.pth are missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "alexnet-owt-7be5be79.pth are missing" in err and "--metrics psnr,ssim,sw" in err
+    assert evaluation.main(["score", "--ref", setup[1], "--pred", setup[1], "--metric-weights",
+                            str(tmp_path / "empty"), "--metrics", "fid,psnr"]) == 2
+    assert capsys.readouterr().err.strip().endswith(", or leave fid out: --metrics psnr")
 
 
 # --- the estimators of Sec. 3 on the exact GMM (toy_gmm.fig8_problem), where truth is known ---
