@@ -904,8 +904,10 @@ def observe(args) -> str:
     for name in ("observation_1", "observation_2"):
         path = os.path.join(args.out, name + ".json")
         if os.path.exists(path):
-            with open(path) as f:
-                done[name] = json.load(f)
+            done[name] = parsed(path)
+            if done[name] is None:  # truncated by a crash before the atomic writers: redo it
+                del done[name]
+                print(f"{path} does not parse; computing it again", file=sys.stderr)
     if "observation_1" not in done:
         with tqdm(total=args.steps, desc="observation I", unit="step") as bar:
             done["observation_1"] = observation_1(

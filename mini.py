@@ -1,8 +1,10 @@
 """The paper's experiment in miniature: a prior learnt here from real photographs, every method,
 the CSE and the three observations, on a 2-core CPU in under an hour, with nothing downloaded.
 
-    python mini.py                  # every stage; a rerun skips each stage whose output exists
-    python mini.py --quick          # the same at toy sizes in about a minute (the tests run it)
+    python mini.py                  # every stage into results/mini; a rerun skips each stage
+                                    # whose output exists
+    python mini.py --quick          # the same at toy sizes in about a minute, into
+                                    # results/mini-quick; numbers not meaningful (the tests run it)
 
 No Stable Diffusion weights reach this project, so the paper's claims about a *learnt* prior on
 *real* images are checked here on a small one: 32 x 32 crops of the photographs that ship with
@@ -111,6 +113,7 @@ QUICK = Settings(size=16, train_crops=64, test_crops=6, tune_crops=2,
                  cse_images=(4, 8, 16), steps=16, batch=6,
                  grid={"dsg": (0.5, 1.0), "default": (32.0, 128.0)}, trajectories=2, k_mean=16,
                  repeats=2, k=4)
+QUICK_NOTE = "QUICK run (--quick): toy sizes, numbers not meaningful"  # its report and figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,17 +147,19 @@ def write_crops(folder: str, names, n: int, s: Settings, seed: int) -> None:
 def make_data(out: str, s: Settings) -> dict:
     """data/train (the prior's and the CSEs'), data/tune (the zeta sweep's, from the training
     photographs), data/test (the evaluation's, from the test photographs only)."""
-    tmp = os.path.join(out, ".data")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, final = os.path.join(out, ".data"), os.path.join(out, "data")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed run's
+    split = dict(PHOTOS, crops=dict(train=s.train_crops, tune=s.tune_crops, test=s.test_crops),
+                 size=s.size, crop_side=s.crop)
+    if os.path.isdir(final):  # renamed into place, whole, by a run killed before recording it
+        return split
     for part, names, n, seed in (("train", PHOTOS["train"], s.train_crops, s.seed),
                                  ("tune", PHOTOS["train"], s.tune_crops, s.seed + 1),
                                  ("test", PHOTOS["test"], s.test_crops, s.seed + 2)):
         write_crops(os.path.join(tmp, part), names, n, s, seed)
-    split = dict(PHOTOS, crops=dict(train=s.train_crops, tune=s.tune_crops, test=s.test_crops),
-                 size=s.size, crop_side=s.crop)
     with open(os.path.join(tmp, "split.json"), "w") as f:
         json.dump(split, f, indent=2)
-    os.replace(tmp, os.path.join(out, "data"))  # whole or absent
+    os.replace(tmp, final)  # whole or absent
     return split
 
 
@@ -217,6 +222,7 @@ def train_prior(out: str, s: Settings) -> dict:
     model folder), and the held-out loss of both on the test crops."""
     init = os.path.join(out, "prior", "init")
     if not os.path.isdir(init):
+        shutil.rmtree(init + ".tmp", ignore_errors=True)  # a killed run's
         init_prior(init + ".tmp", s)
         os.replace(init + ".tmp", init)
     model = train("unet", init, os.path.join(out, "data", "train"), os.path.join(out, "prior"), s)
@@ -330,11 +336,12 @@ def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
     first = sorted(os.listdir(os.path.join(out, "data", "test")))[0]
     given = {m: zeta[f"sr/{m}"] for m in ("dps", "dsg", "dmap")}
     folder = os.path.join(out, "observe")
+    image = os.path.abspath(os.path.join(out, "data", "test", first))  # as eval.py's table.md:
+    reference = os.path.abspath(cses[f"sr-{s.cse_images[1]}"])  # report.md makes them relative
     evaluation.observe(evaluation.parse_args([
-        "observe", "--image", os.path.join(out, "data", "test", first), "--op", "sr",
-        *s.ops["sr"], "--cse", cses[f"sr-{s.cse_images[1]}"], "--model", prior, "--size",
-        str(s.size), "--steps", str(s.steps), "--zeta", ",".join(f"{k}={v:g}" for k, v in
-                                                                 given.items()),
+        "observe", "--image", image, "--op", "sr", *s.ops["sr"], "--cse", reference, "--model",
+        prior, "--size", str(s.size), "--steps", str(s.steps),
+        "--zeta", ",".join(f"{k}={v:g}" for k, v in given.items()),
         "--trajectories", str(s.trajectories), "--k-mean", str(s.k_mean), "--k", str(s.k),
         "--repeats", str(s.repeats),
         "--batch", str(max(s.k, s.trajectories)), "--seed", str(s.seed), "--device", "cpu",
@@ -389,9 +396,10 @@ def figures(out: str, s: Settings, r: dict) -> dict:
     curves = {"prior": r["prior"]["losses"]}
     for name, model in r["cse"].items():
         curves[f"CSE {name}"] = read_config(os.path.join(out, model), "cse.json")["losses"]
+    quick = f"\n{QUICK_NOTE}" if s == QUICK else ""
     loss = plot.line_plot({k: moving_average(v, 50) for k, v in curves.items()}, logy=True,
                           xlabel="optimizer step", ylabel="epsilon MSE",
-                          title="training loss (moving average of 50 steps)")
+                          title="training loss (moving average of 50 steps)" + quick)
     sd = dmap.load_sd2(os.path.join(out, r["prior"]["model"]))
     denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
     g = torch.Generator().manual_seed(s.seed)
@@ -410,13 +418,19 @@ def figures(out: str, s: Settings, r: dict) -> dict:
     rows += [[grow(a) for a in real[k:k + 8]] for k in (0, 8)]
     titles = [["sample"] * 8] * 2 + [["test crop"] * 8] * 2
     grid = plot.image_grid(rows, titles, title=f"The prior's samples ({s.steps} DDPM steps) and "
-                           "held-out test crops")
+                           "held-out test crops" + quick)
     return {"prior_loss.png": loss, "prior_samples.png": grid}
 
 
 def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
-    """report.md: the machine, every stage's time, then each stage's numbers."""
-    lines = ["# The paper's experiment in miniature (mini.py)", "",
+    """report.md: the machine, every stage's time, then each stage's numbers and the figures;
+    the files it names relative to out, its folder."""
+    def included(name):  # eval.py's texts name the files under out by their absolute paths
+        with open(os.path.join(out, name)) as f:
+            return f.read().replace(os.path.join(os.path.abspath(out), ""), "")
+
+    lines = [f"**{QUICK_NOTE}**", ""] if s == QUICK else []
+    lines += ["# The paper's experiment in miniature (mini.py)", "",
              f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"code {evaluation.code_version()}", "",
              "| stage | seconds |", "|---|---|"]
@@ -439,8 +453,7 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
         lines.append(f"| {key} | " + " | ".join(
             (f"**{z}: {v:.2f}**" if z == best else f"{z}: {v:.2f}") for z, v in psnr.items())
             + " |")
-    with open(os.path.join(out, "eval", "table.md")) as f:
-        lines += ["", "## Table 4 in miniature", "", f.read()]
+    lines += ["", "## Table 4 in miniature", "", included(os.path.join("eval", "table.md"))]
     lines += ["## The claims, paired: PSNR of A minus B on the same test crops and seeds", "",
               "mean ± 95% half-width (dB), and in how many crops A is the higher", "",
               "| A - B | " + " | ".join(s.ops) + " |", "|---|" + "---|" * len(s.ops)]
@@ -450,7 +463,8 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
             + f" ({d['wins']}/{d['n']})"
             for d in (r["paired"][f"{op}/{a}-{b}"] for op in s.ops)) + " |")
     lines.append("")
-    lines += ["## Table 6 in miniature: SR, CSEs trained on 25, 100, 1000 crops", "",
+    lines += [f"## Table 6 in miniature: SR, CSEs trained on "
+              f"{', '.join(map(str, s.cse_images))} crops", "",
               "| crops | method | PSNR | SSIM | SW x1e2 | y RMSE |", "|---|---|---|---|---|---|"]
     n = str(s.cse_images[1])
     with open(os.path.join(out, "eval", "table.json")) as f:
@@ -461,8 +475,11 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
         for m, summary in by_size[crops].items():
             lines.append(f"| {crops} | {m} | " + " | ".join(
                 evaluation.cell(summary, k) for k in ("psnr", "ssim", "sw", "y_rmse")) + " |")
-    with open(os.path.join(out, "observe", "observations.md")) as f:
-        lines += ["", f.read()]
+    lines += ["", included(os.path.join("observe", "observations.md")), "## Figures", ""]
+    observed = sorted(f for f in os.listdir(os.path.join(out, "observe")) if f.endswith(".png"))
+    lines += [f"![{path}]({path})" for path in ("prior_loss.png", "prior_samples.png",
+                                               *(f"eval/{op}/grid.png" for op in s.ops),
+                                               *(f"observe/{f}" for f in observed))]
     return "\n".join(lines) + "\n"
 
 
@@ -502,9 +519,21 @@ def stage(name: str, out: str, s: Settings, r: dict, metric_flags: list[str]):
     return observe(out, s, prior, cses, zeta)
 
 
+@contextlib.contextmanager
+def rerun_continues(where: str):
+    """Ctrl-C inside: one line, where it stopped, the inner code's detail without its advice
+    (after "; ", for its own command: --resume, ...) and that a rerun continues."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        detail = f", {str(e.args[0]).split('; ')[0]}" if e.args else ""
+        raise KeyboardInterrupt(f"{where}{detail}; rerun the same command to continue") \
+            from None
+
+
 def run(args) -> str:
     s = QUICK if args.quick else Settings()
-    out = args.out
+    out = args.out or ("results/mini-quick" if args.quick else "results/mini")
     metric_flags = table_metrics(args.metric_weights, s.size)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
@@ -525,34 +554,36 @@ def run(args) -> str:
         with open(timing) as f:
             seconds = json.load(f)
     for k, name in enumerate(STAGES):
-        result = os.path.join(out, "stages", f"{name}.json")  # the stage's result: done
-        if os.path.exists(result):
-            with open(result) as f:
-                r[name] = json.load(f)
-            print(f"[{k + 1}/{len(STAGES)}] {name}: done before, skipped", file=sys.stderr)
-            continue
-        print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
-        t0 = time.perf_counter()
-        r[name] = stage(name, out, s, r, metric_flags)
-        cli.write_json(result, r[name])
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        cli.write_json(timing, seconds)
-    r["paired"] = paired(out, s)
-    for name, image in figures(out, s, r).items():
-        cli.write_atomic(os.path.join(out, name), image.save)
-    text = markdown(s, r, seconds, out)
-    cli.write_text(os.path.join(out, "report.md"), text)
-    cli.write_json(os.path.join(out, "report.json"), dict(settings=settings,
-                                                                 seconds=seconds, **r))
-    print(text)
+        with rerun_continues(f"in stage {k + 1} of {len(STAGES)} ({name})"):
+            result = os.path.join(out, "stages", f"{name}.json")  # the stage's result: done
+            if os.path.exists(result):
+                with open(result) as f:
+                    r[name] = json.load(f)
+                print(f"[{k + 1}/{len(STAGES)}] {name}: done before, skipped", file=sys.stderr)
+                continue
+            print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
+            t0 = time.perf_counter()
+            r[name] = stage(name, out, s, r, metric_flags)
+            cli.write_json(result, r[name])
+            seconds[name] = round(time.perf_counter() - t0, 1)
+            cli.write_json(timing, seconds)
+    with rerun_continues("while writing the report, every stage done"):
+        r["paired"] = paired(out, s)
+        for name, image in figures(out, s, r).items():
+            cli.write_atomic(os.path.join(out, name), image.save)
+        text = markdown(s, r, seconds, out)
+        cli.write_text(os.path.join(out, "report.md"), text)
+        cli.write_json(os.path.join(out, "report.json"), dict(settings=settings,
+                                                              seconds=seconds, **r))
+        print(text)
     return f"wrote {os.path.join(out, 'report.md')} in {sum(seconds.values()):.0f} s of stages"
 
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/mini", help="output folder (a rerun resumes it; "
-                   "default: %(default)s)")
+    p.add_argument("--out", help="output folder (a rerun resumes it; default: results/mini, "
+                   "with --quick results/mini-quick)")
     p.add_argument("--quick", action="store_true", help="toy sizes, about a minute; numbers not "
                    "meaningful (the tests run it)")
     p.add_argument("--metric-weights", help="folder of the LPIPS and FID weight files; with all "
@@ -560,7 +591,7 @@ def main(argv=None) -> int:
                    "and KID (default: without them)")
     args = p.parse_args(argv)
     return cli.run(lambda: run(args), interrupted="before the first stage; rerun the same "
-                   "command to continue", file=sys.stderr)
+                   "command to continue", to_stderr=True)
 
 
 if __name__ == "__main__":

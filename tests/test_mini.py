@@ -6,6 +6,7 @@ hold even at that size, and skips every stage on a rerun."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -16,8 +17,10 @@ from PIL import Image
 
 import cse
 import dmap
+import eval as evaluation
 import metrics
 import mini
+import plot
 
 TINY_PIXEL = mini.QUICK.unet  # (16, 32) channels, attention at the second level
 
@@ -118,11 +121,13 @@ def test_train_unet_refuses_what_it_cannot_train(prior, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """`python mini.py --quick`, once."""
-    out = tmp_path_factory.mktemp("mini") / "run"
-    assert mini.main(["--quick", "--out", str(out)]) == 0
-    with open(out / "report.json") as f:
-        return out, json.load(f)
+    """`python mini.py --quick`, once, its --out relative to the working folder."""
+    root = tmp_path_factory.mktemp("mini")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert mini.main(["--quick", "--out", "run"]) == 0
+    with open(root / "run" / "report.json") as f:
+        return root / "run", json.load(f)
 
 
 def test_quick_run_has_every_stage_and_row(quick):
@@ -177,3 +182,106 @@ def test_bad_out(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert mini.main(["--quick", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_quick_report_says_quick_with_its_own_counts_and_relative_paths(quick, monkeypatch):
+    """report.md opens with the QUICK warning, so do the figures' titles; the Table 6 heading
+    names the crop counts used; report.md and report.json name files relative to their folder
+    (the figure links resolve there), never the machine's path to it."""
+    out, report = quick
+    text = (out / "report.md").read_text()
+    first = text.splitlines()[0]
+    assert "QUICK" in first and "not meaningful" in first, first
+    assert "## Table 6 in miniature: SR, CSEs trained on 4, 8, 16 crops\n" in text
+    for name in ("report.md", "report.json"):
+        assert str(out) not in (out / name).read_text(), name
+    assert " data/test" in text and " prior/checkpoint-60" in text  # eval.py's table.md
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert {"prior_loss.png", "eval/sr/grid.png", "observe/observation_1.png"} <= set(links)
+    assert all((out / link).is_file() for link in links), links
+    titles = []
+
+    def spy(draw):
+        def drawn(*args, **kwargs):
+            titles.append(kwargs["title"])
+            return draw(*args, **kwargs)
+        return drawn
+
+    monkeypatch.setattr(plot, "line_plot", spy(plot.line_plot))
+    monkeypatch.setattr(plot, "image_grid", spy(plot.image_grid))
+    mini.figures(str(out), mini.QUICK, report)
+    assert len(titles) == 2 and all(t.splitlines()[-1] == first.strip("*") for t in titles), \
+        titles
+
+
+def test_quick_has_its_own_default_folder(quick, tmp_path, monkeypatch, capsys):
+    """Without --out, --quick resumes results/mini-quick and leaves a full run's results/mini
+    alone (before, both went to results/mini and the second was refused)."""
+    shutil.copytree(quick[0], tmp_path / "results" / "mini-quick")
+    full = tmp_path / "results" / "mini"
+    full.mkdir()
+    (full / "settings.json").write_text(json.dumps(dataclasses.asdict(mini.Settings())))
+    monkeypatch.chdir(tmp_path)
+    assert mini.main(["--quick"]) == 0
+    assert capsys.readouterr().err.count("done before, skipped") == len(mini.STAGES)
+    assert os.listdir(full) == ["settings.json"]
+    with pytest.raises(SystemExit):
+        mini.main(["--help"])
+    assert "with --quick results/mini-quick" in " ".join(capsys.readouterr().out.split())
+
+
+def test_interrupt_says_where_and_that_a_rerun_continues(quick, tmp_path, capsys,
+                                                         monkeypatch):
+    """Ctrl-C in a stage or in the report: one line with the stage and the inner code's detail,
+    without the inner advice (eval.py's 'rerun', cse.py's --resume), and that a rerun of the same
+    command continues."""
+    out = shutil.copytree(quick[0], tmp_path / "run")
+    os.remove(out / "stages" / "tune.json")
+    shutil.rmtree(out / "tune")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def last_line():
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    monkeypatch.setattr(evaluation.Run, "restore", interrupted)  # eval.py adds its detail
+    assert mini.main(["--quick", "--out", str(out)]) == 130
+    line = last_line()
+    assert line.startswith("interrupted in stage 4 of 7 (tune), ") and "00000_astronaut" in line
+    assert line.endswith("; rerun the same command to continue") and line.count("rerun") == 1
+
+    def killed_cse(args):  # cse.py's message after a checkpoint
+        raise KeyboardInterrupt(f"at step 150 of 300; {args.out}/checkpoint-100 is whole: "
+                                "continue with --resume")
+
+    monkeypatch.setattr(cse, "train", killed_cse)
+    os.remove(out / "stages" / "cse.json")
+    assert mini.main(["--quick", "--out", str(out)]) == 130
+    assert last_line() == ("interrupted in stage 3 of 7 (cse), at step 150 of 300; rerun the "
+                           "same command to continue")
+    monkeypatch.undo()
+    shutil.copy(quick[0] / "stages" / "cse.json", out / "stages")
+    shutil.copy(quick[0] / "stages" / "tune.json", out / "stages")
+    monkeypatch.setattr(mini, "figures", interrupted)
+    assert mini.main(["--quick", "--out", str(out)]) == 130
+    assert last_line() == ("interrupted while writing the report, every stage done; rerun the "
+                           "same command to continue")
+
+
+def test_rerun_after_a_kill_while_writing(quick):
+    """Killed while writing the crops (.data half-written), after renaming them into place but
+    before recording the stage, and while writing the initial prior (prior/init.tmp
+    half-written): the rerun cleans up, redoes those stages and gets the same results. In the
+    quick run's own folder (cse.py resumes only with the paths it was trained with), so last."""
+    out = quick[0]
+    for name in ("data", "prior"):
+        os.remove(out / "stages" / f"{name}.json")
+    (out / ".data" / "train").mkdir(parents=True)
+    shutil.rmtree(out / "prior" / "init")
+    (out / "prior" / "init.tmp" / "unet").mkdir(parents=True)
+    assert mini.main(["--quick", "--out", str(out)]) == 0
+    assert not (out / ".data").exists() and not (out / "prior" / "init.tmp").exists()
+    with open(out / "report.json") as f:
+        again = json.load(f)
+    assert again["data"] == quick[1]["data"] and again["prior"] == quick[1]["prior"]
