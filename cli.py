@@ -1,7 +1,7 @@
 """Command plumbing shared by every command (dmap.py, cse.py, eval.py, toy_gmm.py, mini.py,
-speed.py): the parser, the wrapper that turns errors and Ctrl-C into one line and an exit code,
-the thread default, and atomic writers. Nothing here knows a model; only the standard library
-is imported, so a command imports this module first, before torch.
+speed.py): the parser, the wrapper that turns errors and Ctrl-C into one line and an exit
+code, the number of torch threads, and atomic writers. Nothing here knows a model; only the
+standard library is imported, so a command imports this module first, before torch.
 
 Exit codes: 0 done, 2 bad input (one `error:` line that says what to do), 130 Ctrl-C (one
 `interrupted` line that says what was kept).
@@ -13,10 +13,11 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 # ---------------------------------------------------------------------------------------------
-# (1) Before torch is imported: Ctrl-C and threads
+# (1) Before torch is imported: Ctrl-C and the number of threads
 # ---------------------------------------------------------------------------------------------
 
 
@@ -32,8 +33,32 @@ def _runs_a_command() -> bool:
     return os.path.dirname(os.path.abspath(script)) == os.path.dirname(os.path.abspath(__file__))
 
 
+def idle_cores(seconds: float = 0.1) -> float:
+    """How many of this process's cores were idle over the next `seconds` (/proc/stat), or
+    all of them where /proc/stat cannot be read."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def times():  # the "cpu" line: user nice system idle iowait irq softirq steal ...
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]
+
+    try:
+        total0, idle0 = times()
+        time.sleep(seconds)
+        total1, idle1 = times()
+    except (OSError, ValueError):
+        return float(cores or 1)
+    share = (idle1 - idle0) / max(total1 - total0, 1)  # of all the machine's cores
+    return min(share * (os.cpu_count() or 1), cores or 1)
+
+
 if _runs_a_command():
     signal.signal(signal.SIGINT, _interrupted_while_starting)  # `run` puts Python's back
+    # torch's threads: as many as there are idle cores, at least one. On a busy machine more
+    # threads than free cores make every parallel region wait for a descheduled thread: tiny
+    # workloads ran 8-29x slower (README.md, "Threads"). OMP_NUM_THREADS, when set, wins.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, round(idle_cores()))))
 
 # ---------------------------------------------------------------------------------------------
 # (2) The parser and the wrapper around a command's body
@@ -53,12 +78,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run(body: Callable[[], str], *, interrupted: str, file=sys.stdout) -> int:
+def run(body: Callable[[], str], *, interrupted: str, to_stderr: bool = False) -> int:
     """A command's main(): `body()` returns the line printed when it is done. A ValueError is
     the user's to fix: `error: <message>`, exit 2; so is an OSError (a full disk, a folder that
     cannot be written), named with its file. Ctrl-C prints `interrupted <what was kept>`, exit
     130: the KeyboardInterrupt's message when the code that was running gave one, else
-    `interrupted`."""
+    `interrupted`. The closing line goes to stdout, or to stderr when stdout carries results."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         done = body()
@@ -74,7 +99,7 @@ def run(body: Callable[[], str], *, interrupted: str, file=sys.stdout) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted {e.args[0] if e.args else interrupted}", file=sys.stderr)
         return 130
-    print(done, file=file)
+    print(done, file=sys.stderr if to_stderr else sys.stdout)
     return 0
 
 

@@ -471,7 +471,8 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
     if prediction not in (None, "eps", "v"):
         raise ValueError(f"prediction must be 'eps' (512-base) or 'v' (768-v), got {prediction!r}")
     if not os.path.exists(path):
-        raise ValueError(f"no SD 2.0 weights at {path}; fetch them with: {FETCH.format(path=path)}")
+        raise ValueError(f"{path}: no such file or folder; check --model (to get SD 2.0, 5.2 GB: "
+                         f"{FETCH.format(path=path)})")
     if os.path.isfile(path):
         tokenizer_dir = os.path.join(os.path.dirname(path), "tokenizer")
         return Pipeline(unet.unet_from_single_file(path, device=device, dtype=dtype),
@@ -564,6 +565,18 @@ KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
 # Operator flags and the operators they apply to (the operator's keyword, the default).
 OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8), "blur_std": ("blur", "std", 3.0),
                   "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
+# A model folder may carry its own restoration defaults in `defaults.json` (the prior that ships
+# in models/, trained and tuned by mini.py at 32 px): {"size": 32, "steps": 25, "operators":
+# {op: {keyword: value}}, "zeta": {op: {method: zeta}}}; flags the user gives still win.
+MODEL_DEFAULTS = "defaults.json"
+
+
+def model_defaults(model: str) -> dict:
+    """The model folder's defaults.json, or {} (SD 2.0: the paper's defaults above)."""
+    path = os.path.join(model, MODEL_DEFAULTS)
+    return read_config(model, MODEL_DEFAULTS) if os.path.isfile(path) else {}
+
+
 # Flags that do not change the restoration, left out of the output names.
 NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
                "kernel_weights", "prompt", "no_crop", "observed", "cse", "checkpointing")
@@ -654,8 +667,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--observed", action="store_true",
                    help="the image is the measurement y (a real low-res or blurry photo)")
-    p.add_argument("--size", type=int, default=512,
-                   help="restored image size in pixels, a multiple of 8 (default: %(default)s)")
+    p.add_argument("--size", type=int, help="restored image size in pixels, a multiple of 8 "
+                   f"(default: 512, or the model's {MODEL_DEFAULTS})")
     p.add_argument("--no-crop", action="store_true", help="resize without centre-cropping")
     p.add_argument("--steps", type=int, help="sampling steps (default: 500; DMAP: "
                    "--dmap-setting's, 500 full or 250 same)")
@@ -697,7 +710,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="recompute activations in the backward pass: the VAE decoder's (vae) "
                    "or also the UNet's (all); less memory, more time (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.size is None:
+        args.size = model_defaults(args.model).get("size", 512) if os.path.isdir(args.model) \
+            else 512
+    return args
 
 
 def settings(args) -> tuple[int, dict]:
@@ -714,12 +731,24 @@ def settings(args) -> tuple[int, dict]:
     if args.observed and args.sigma_y:
         raise ValueError("--sigma-y synthesises noise; with --observed, y is read as it is")
     budget = DMAP_SETTINGS[args.dmap_setting or "full"]
-    steps = args.steps if args.steps is not None else budget["steps"] if fn is dmap else 500
+    model = model_defaults(args.model) if os.path.isdir(args.model) else {}
+    full = model.get("steps", 500)  # DMAP (same): the same fraction of the model's steps
+    steps = args.steps if args.steps is not None else \
+        max(1, full * budget["steps"] // 500) if fn is dmap else full
     kwargs = {"eta": args.eta}
-    if "zeta" in params:
+    if "zeta" in params and args.zeta is not None:
+        kwargs["zeta"] = args.zeta
+    elif "zeta" in params and model:
+        name = "dmap-same" if fn is dmap and args.dmap_setting == "same" else args.method
+        table = model.get("zeta", {}).get(args.op, {})
+        if name not in table:
+            raise ValueError(f"{args.model}/{MODEL_DEFAULTS} has no zeta for {name} on "
+                             f"{args.op} (it has {', '.join(model.get('zeta', {})) or 'none'}); "
+                             "pass --zeta")
+        kwargs["zeta"] = table[name]
+    elif "zeta" in params:
         zeta = ZETA[args.method][0 if args.op == "sr" else 1]
-        kwargs["zeta"] = args.zeta if args.zeta is not None else \
-            zeta * budget["zeta_scale"] if fn is dmap else zeta
+        kwargs["zeta"] = zeta * budget["zeta_scale"] if fn is dmap else zeta
     if fn is dmap:
         kwargs["K"] = budget["K"]
     for name in KNOBS:
@@ -750,9 +779,11 @@ def build_operator(args) -> tuple[operators.Operator, dict]:
     the seed of a random one), and those arguments for the record."""
     cls = operators.OPERATORS[args.op]
     op_args = {"size": args.size}
+    model = model_defaults(args.model) if os.path.isdir(args.model) else {}
     for name, (op, keyword, default) in OPERATOR_FLAGS.items():
         if args.op == op:
             value = getattr(args, name)
+            default = model.get("operators", {}).get(op, {}).get(keyword, default)
             op_args[keyword] = default if value is None else value
     if "seed" in inspect.signature(cls).parameters:
         op_args["seed"] = args.seed
@@ -767,7 +798,7 @@ def output_paths(args) -> dict:
     that differs from its default, so a sweep over one flag needs no new --out per run."""
     stem = args.name
     if stem is None:
-        defaults = vars(parse_args([args.image]))
+        defaults = vars(parse_args([args.image, "--model", args.model]))
         tags = []
         for key, value in vars(args).items():
             if key in NOT_IN_NAME or value is None or value == defaults[key]:
@@ -906,10 +937,14 @@ def restore(args) -> tuple[dict, dict]:
     panel = {"measurement": y_image, "restored": restored}
     if x_ref is not None:
         panel["reference"] = to_uint8(x_ref)
+    zeta_from = None if "zeta" not in kwargs else "--zeta" if args.zeta is not None else \
+        os.path.join(os.path.abspath(args.model), MODEL_DEFAULTS) if \
+        model_defaults(args.model) else "dmap.ZETA (the official log)"
     record = dict(image=os.path.abspath(args.image), observed=args.observed, method=args.method,
                   op=args.op, operator=op_args, sampler=dict(kwargs, steps=steps),
                   sigma_y=None if args.observed else args.sigma_y, seed=args.seed,
                   crop=not args.no_crop, prompt=args.prompt, model=os.path.abspath(args.model),
+                  zeta_from=zeta_from,
                   prediction=sd.prediction, device=args.device, dtype=args.dtype,
                   checkpointing=args.checkpointing,
                   cse=cse_record,

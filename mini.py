@@ -492,7 +492,91 @@ def cpu_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# (6) The command line
+# (6) The prior as a model folder that dmap.py restores with (models/mini-prior)
+# ---------------------------------------------------------------------------------------------
+
+EXAMPLE = ("chelsea", 128)  # a test photograph (never trained on), centre crop at this side
+
+
+def export_prior(out: str, r: dict, folder: str, s: Settings) -> str:
+    """The trained prior of run `out` (results r of its data, prior and tune stages) as a
+    pixel-space model folder: unet/ in float16, scheduler/, defaults.json (dmap.py's defaults
+    for it: size, steps, operator settings and the tuned zeta per operator and method),
+    README.md (how it was made, its losses, the sweep) and example.png. Returns the folder."""
+    if os.path.exists(folder):
+        raise ValueError(f"{folder} exists; choose another folder or move it away")
+    model = os.path.join(out, r["prior"]["model"])
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed export's
+    os.makedirs(os.path.join(tmp, "unet"))
+    shutil.copy(os.path.join(model, "unet", "config.json"), os.path.join(tmp, "unet"))
+    shutil.copytree(os.path.join(model, "scheduler"), os.path.join(tmp, "scheduler"))
+    weights = "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(os.path.join(model, "unet", weights))
+    safetensors.torch.save_file({k: v.half() for k, v in state.items()},
+                                os.path.join(tmp, "unet", weights), metadata={"format": "pt"})
+    operators = {}
+    for op, flags in s.ops.items():  # ["--sr-factor", "4"] -> {"factor": 4}
+        for flag, value in zip(flags[::2], flags[1::2], strict=True):
+            _, keyword, default = dmap.OPERATOR_FLAGS[flag[2:].replace("-", "_")]
+            operators.setdefault(op, {})[keyword] = type(default)(value)
+    zeta = {}
+    for key, value in r["tune"]["zeta"].items():  # "sr/dps" -> zeta["sr"]["dps"]
+        op, method = key.split("/")
+        zeta.setdefault(op, {})[method] = value
+    cli.write_json(os.path.join(tmp, dmap.MODEL_DEFAULTS), dict(
+        about="mini.py's prior: dmap.py's defaults for it (zeta tuned by mini.py's tune stage)",
+        size=s.size, steps=s.steps, operators=operators, zeta=zeta))
+    photo = photograph(EXAMPLE[0])
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    photo.crop((left, top, left + side, top + side)).resize(
+        (EXAMPLE[1], EXAMPLE[1]), Image.LANCZOS).save(os.path.join(tmp, "example.png"))
+    cli.write_text(os.path.join(tmp, "README.md"), prior_card(r, s, operators, zeta))
+    os.replace(tmp, folder)
+    return folder
+
+
+def prior_card(r: dict, s: Settings, operators: dict, zeta: dict) -> str:
+    """README.md of the exported prior: what it is, how it was made, its losses and zetas."""
+    losses, held = r["prior"]["losses"], r["prior"]["held_out"]
+    ops = ", ".join(f"{op} ({', '.join(f'{k} {v}' for k, v in operators.get(op, {}).items())})"
+                    if operators.get(op) else op for op in zeta)
+    rows = [f"| {op}/{method} | {z:g} | " + ", ".join(
+        f"{k}: {v:.2f}" for k, v in r["tune"]["sweep"][f"{op}/{method}"].items()) + " |"
+        for op in zeta for method, z in zeta[op].items()]
+    return "\n".join([
+        "# mini-prior: a 32 px pixel-space prior trained by this repository",
+        "",
+        f"A `unet.py` UNet (widths {s.unet.block_out_channels}, {s.unet.layers_per_block} layer "
+        "per block, self-attention at 8 x 8; weights stored in float16) trained from scratch on "
+        f"{s.train_crops} crops of {s.size} px of the photographs that ship with scikit-image "
+        f"({', '.join(PHOTOS['train'])}; the test photographs {', '.join(PHOTOS['test'])} "
+        "were never trained on), with SD 2.0's DDPM schedule (epsilon prediction). Made with",
+        "",
+        "    python mini.py --export-prior models/mini-prior",
+        "",
+        "which runs mini.py's stages data, prior and tune (its full settings) and writes this "
+        f"folder. Training: {s.prior_steps} AdamW steps of {s.prior_batch} crops, lr "
+        f"{s.prior_lr:g} with cosine decay (`cse.py train --train unet`); the last training "
+        f"loss {losses[-1]:.4f}; held-out epsilon MSE {held['untrained']:.3f} untrained -> "
+        f"{held['trained']:.3f} trained (on the test crops).",
+        "",
+        f"`defaults.json` gives dmap.py this prior's own defaults: {s.size} px, {s.steps} steps "
+        f"(DMAP at the same cost: {s.steps // 2}), the operators {ops}, and zeta per operator "
+        "and method, tuned by mini.py's sweep (mean PSNR on "
+        f"{s.tune_crops} tuning crops of the training photographs):",
+        "",
+        "| operator/method | zeta | PSNR (dB) per zeta tried |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "`example.png`: a centre crop of `chelsea` (a test photograph).",
+        ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# (7) The command line
 # ---------------------------------------------------------------------------------------------
 
 STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "observe")
@@ -553,20 +637,23 @@ def run(args) -> str:
     if os.path.exists(timing):
         with open(timing) as f:
             seconds = json.load(f)
-    for k, name in enumerate(STAGES):
-        with rerun_continues(f"in stage {k + 1} of {len(STAGES)} ({name})"):
+    stages = ("data", "prior", "tune") if args.export_prior else STAGES
+    for k, name in enumerate(stages):
+        with rerun_continues(f"in stage {k + 1} of {len(stages)} ({name})"):
             result = os.path.join(out, "stages", f"{name}.json")  # the stage's result: done
             if os.path.exists(result):
                 with open(result) as f:
                     r[name] = json.load(f)
-                print(f"[{k + 1}/{len(STAGES)}] {name}: done before, skipped", file=sys.stderr)
+                print(f"[{k + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
                 continue
-            print(f"[{k + 1}/{len(STAGES)}] {name}", file=sys.stderr)
+            print(f"[{k + 1}/{len(stages)}] {name}", file=sys.stderr)
             t0 = time.perf_counter()
             r[name] = stage(name, out, s, r, metric_flags)
             cli.write_json(result, r[name])
             seconds[name] = round(time.perf_counter() - t0, 1)
             cli.write_json(timing, seconds)
+    if args.export_prior:
+        return f"wrote {export_prior(out, r, args.export_prior, s)}"
     with rerun_continues("while writing the report, every stage done"):
         r["paired"] = paired(out, s)
         for name, image in figures(out, s, r).items():
@@ -589,6 +676,10 @@ def main(argv=None) -> int:
     p.add_argument("--metric-weights", help="folder of the LPIPS and FID weight files; with all "
                    "three there (or in $TORCH_HOME/hub/checkpoints) the tables add LPIPS, FID "
                    "and KID (default: without them)")
+    p.add_argument("--export-prior", metavar="FOLDER", help="run only the stages data, prior "
+                   "and tune, then write the prior as a model folder that dmap.py --model "
+                   "takes, with its defaults and tuned zetas (models/mini-prior was made so; "
+                   "default: no export)")
     args = p.parse_args(argv)
     return cli.run(lambda: run(args), interrupted="before the first stage; rerun the same "
                    "command to continue", to_stderr=True)

@@ -14,6 +14,7 @@ docs/sd2_formats.md §5.3.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -406,6 +407,10 @@ class NonlinearBlur(Operator):
         super().__init__(size)
         if size % 128:
             raise ValueError(f"nonlinear_blur needs an image size divisible by 128, got {size}")
+        if isinstance(weights, str) and not os.path.isfile(weights):
+            raise ValueError(f"{weights}: no such file; nonlinear_blur needs bkse's KernelWizard "
+                             "weights converted to safetensors once (README.md, \"Restoring an "
+                             "image\": the GOPRO_wVAE step), or --kernel-weights PATH")
         net = weights if isinstance(weights, KernelWizard) else load_kernel_wizard(weights)
         self.net = net.eval().requires_grad_(False)
         g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,12 @@ import os
 import re
 import shutil
 
-import torch
+# One torch thread (before torch is imported; OMP_NUM_THREADS, when set, wins): the tests' tiny
+# workloads ran 8-29x slower with a thread per core on a busy machine, and barely faster on an
+# idle one (README.md, "Threads"). Subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 from safetensors.torch import save_file
 
 import clip

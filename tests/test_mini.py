@@ -269,6 +269,39 @@ def test_interrupt_says_where_and_that_a_rerun_continues(quick, tmp_path, capsys
                            "same command to continue")
 
 
+def test_export_prior_is_a_model_with_its_own_defaults(quick, tmp_path, capsys):
+    """--export-prior on a finished run: the prior in float16 with defaults.json, and dmap.py
+    restores with it at the model's size, steps, operator settings and tuned zeta, named in
+    its record; the float16 weights restore as the float32 ones do to within 0.5 dB."""
+    out, report = quick
+    folder = tmp_path / "prior"
+    assert mini.main(["--quick", "--out", str(out), "--export-prior", str(folder)]) == 0
+    assert "done before, skipped" in capsys.readouterr().err  # nothing retrained
+    defaults = json.loads((folder / "defaults.json").read_text())
+    assert defaults["size"] == mini.QUICK.size and defaults["steps"] == mini.QUICK.steps
+    assert defaults["operators"] == {"sr": {"factor": 4}, "blur": {"std": 1.0}}
+    assert defaults["zeta"]["blur"]["dmap"] == report["tune"]["zeta"]["blur/dmap"]
+    assert "python mini.py --export-prior" in (folder / "README.md").read_text()
+    psnr = {}
+    for name, model in (("fp16", folder), ("fp32", out / report["prior"]["model"])):
+        args = [str(folder / "example.png"), "--model", str(model), "--method", "dmap", "--op",
+                "blur", "--out", str(tmp_path / name)]
+        if name == "fp32":  # the checkpoint has no defaults.json: the same settings by hand
+            args += ["--size", "16", "--steps", "16", "--blur-std", "1", "--zeta",
+                     str(defaults["zeta"]["blur"]["dmap"])]
+        assert dmap.main(args) == 0
+        (record,) = (tmp_path / name).glob("*.json")
+        record = json.loads(record.read_text())
+        psnr[name] = record["psnr"]
+    assert record["operator"]["std"] == 1.0 and record["sampler"]["steps"] == 16
+    fp16 = json.loads(next((tmp_path / "fp16").glob("*.json")).read_text())
+    assert fp16["zeta_from"] == str(folder / "defaults.json")
+    assert fp16["sampler"] == dict(record["sampler"]) and fp16["operator"]["size"] == 16
+    assert abs(psnr["fp16"] - psnr["fp32"]) < 0.5, psnr
+    assert mini.main(["--quick", "--out", str(out), "--export-prior", str(folder)]) == 2
+    assert "exists" in capsys.readouterr().err  # never overwritten
+
+
 def test_rerun_after_a_kill_while_writing(quick):
     """Killed while writing the crops (.data half-written), after renaming them into place but
     before recording the stage, and while writing the initial prior (prior/init.tmp

@@ -175,8 +175,33 @@ def test_cli_ctrl_c(pipeline, tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("full", ["panel", "record"])
+def test_full_disk_writes_nothing(pipeline, tmp_path, capsys, monkeypatch, full):
+    """No space left while the outputs are written: one line, exit 2, none of the four files
+    (those written before the failure are removed again), so a rerun is not refused."""
+    import cli
+
+    import errno
+
+    real = cli.write_atomic
+
+    def write_atomic(path, save):
+        if path.endswith("_panel.png" if full == "panel" else ".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, save)
+
+    monkeypatch.setattr(cli, "write_atomic", write_atomic)
+    root, _ = pipeline
+    out = tmp_path / "o"
+    assert dmap.main([str(astronaut_file(tmp_path)), "--model", root, "--out", str(out),
+                      "--size", "64", "--steps", "2", "--method", "ddpm"]) == 2
+    last = capsys.readouterr().err.strip().split("\n")[-1]
+    assert last.startswith("error: cannot write ") and "No space left on device" in last, last
+    assert "nothing written" in last and list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--model", "/nonexistent"], "stabilityai/stable-diffusion-2-base"),
+    (["--model", "/nonexistent"], "/nonexistent: no such file or folder; check --model (to get"),
     (["--zeta", "-1"], "--zeta must be >= 0"),
     (["--steps", "-3"], "--steps must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
@@ -190,7 +215,8 @@ def test_cli_ctrl_c(pipeline, tmp_path, capsys, monkeypatch):
     (["--method", "dps", "--dmap-setting", "same"], "--dmap-setting does not apply"),
     (["--observed", "--sigma-y", "0.1"], "with --observed, y is read as it is"),
     (["--sigma-y", "-0.1"], "--sigma-y must be >= 0"),
-    (["--op", "nonlinear_blur", "--size", "128"], "GOPRO_wVAE.safetensors: no such file"),
+    (["--op", "nonlinear_blur", "--size", "128"], "GOPRO_wVAE.safetensors: no such file; "
+     "nonlinear_blur needs bkse's KernelWizard weights converted to safetensors once (README"),
     (["--zeta", "1e30", "--method", "dps"], "try a smaller --zeta"),
     (["--out", "/proc/forbidden"], "cannot create files under /proc"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "try --device cpu"),
