@@ -571,6 +571,9 @@ def prior_card(r: dict, s: Settings, operators: dict, zeta: dict) -> str:
         "|---|---|---|",
         *rows,
         "",
+        "Another CPU or number of threads trains weights that differ by float rounding, which "
+        "can move a zeta by one grid step.",
+        "",
         "`example.png`: a centre crop of `chelsea` (a test photograph).",
         ""])
 
