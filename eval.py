@@ -585,23 +585,26 @@ class Run:
 
 
 def todo(args, images, ops, methods, rank, world) -> list:
-    """This process's work: (op, method, batch) for its images (every world-th, so the shards
-    are disjoint and cover every image) that have no record yet, or one that does not parse (a
-    line on stderr names it)."""
-    mine = [im for im in images if im[0] % world == rank]
+    """This process's work: (op, method, batch). The batches are fixed: the images in order,
+    --batch at a time, the c-th batch on process c % world (disjoint shards covering every
+    image), so that a restoration does not depend on interruptions or on the number of
+    processes. A batch is redone whole when any of its images has no record yet, or one that
+    does not parse (a line on stderr names it): it then gets its seed and companions again."""
+    batches = [images[k:k + args.batch] for k in range(0, len(images), args.batch)]
     work = []
     for op in ops:
         for method in methods:
-            left = []
-            for im in mine:
-                path = os.path.join(args.out, op, method, im[1] + ".json")
-                if not os.path.exists(path):
-                    left.append(im)
-                elif parsed(path) is None:
-                    print(f"{path} does not parse; restoring it again", file=sys.stderr)
-                    left.append(im)
-            work += [(op, method, left[k:k + args.batch]) for k in range(0, len(left),
-                                                                         args.batch)]
+            for batch in batches[rank::world]:
+                missing = False
+                for _, stem, _ in batch:
+                    path = os.path.join(args.out, op, method, stem + ".json")
+                    if not os.path.exists(path):
+                        missing = True
+                    elif parsed(path) is None:
+                        print(f"{path} does not parse; restoring it again", file=sys.stderr)
+                        missing = True
+                if missing:
+                    work.append((op, method, batch))
     return work
 
 

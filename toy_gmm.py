@@ -1143,7 +1143,8 @@ def parse_args(argv=None):
                         help="samples per method and reference in the benchmark and the cse "
                         "part (default: 2000, the protocol's; 100 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's, all cores; 1 on a busy box)")
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores "
+                        "idle at start; README.md, Threads)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny default sizes and 20 steps, for tests (explicit flags still "
                         "win); numbers are not meaningful")

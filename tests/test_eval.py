@@ -313,6 +313,24 @@ def test_a_corrupt_record_is_redone(setup, tmp_path, capsys):
     assert len(err) == 1 and f"{out / 'run.json'} does not parse" in err[0], err
 
 
+def test_a_resumed_batch_is_the_uninterrupted_one(setup, tmp_path, capsys):
+    """--batch 2: a restoration whose record is lost (a kill) is redone with its batch, whole,
+    so it is the very image the uninterrupted run made (not a batch of one with another
+    seed), and the table is unchanged."""
+    out = tmp_path / "run"
+    argv = run_argv(setup, out, "--methods", "dps", "--batch", "2", "--metrics", "psnr")
+    assert evaluation.main(argv) == 0
+    first = table(out)
+    folder = out / "sr" / "dps"
+    images = {p.name: p.read_bytes() for p in folder.glob("*.png")}
+    os.remove(folder / "camera.json")  # the second image of the first batch (astronaut, camera)
+    capsys.readouterr()
+    assert evaluation.main(argv) == 0
+    assert "1 batches restored" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == images
+    assert table(out) == first
+
+
 @pytest.mark.parametrize("command", ["run", "score", "observe", "speed"])
 def test_help_gives_each_default_once(command, capsys):
     """A flag's help ends with its default once; none for required flags, flags without one
