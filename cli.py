@@ -1,7 +1,9 @@
-"""Command plumbing shared by every command (dmap.py, cse.py, eval.py, toy_gmm.py, mini.py,
-speed.py): the parser, the wrapper that turns errors and Ctrl-C into one line and an exit
-code, the number of torch threads, and atomic writers. Nothing here knows a model; only the
-standard library is imported, so a command imports this module first, before torch.
+"""Command plumbing shared by every command (dmap.py, cse.py, eval.py, observations.py,
+speed.py, toy_gmm.py, gmm_benchmark.py, mini.py): the parser, its help format and the flags
+every model command shares, the wrapper that turns errors and Ctrl-C into one line and an exit
+code, the number of torch threads, atomic writers and reading records back. Nothing here knows
+a model; only the standard library is imported, so a command imports this module first,
+before torch.
 
 Exit codes: 0 done, 2 bad input (one `error:` line that says what to do), 130 Ctrl-C (one
 `interrupted` line that says what was kept).
@@ -12,6 +14,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +81,44 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, once: not for a required flag, a flag without
+    one (None) or a switch, nor where the help already says it; a list as it is typed. The
+    description (a module's docstring) keeps its lines."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if action.required or default is None or default is False or \
+                default is argparse.SUPPRESS or "(default" in help:
+            return help
+        if isinstance(default, list):
+            default = " ".join(map(str, default))
+        return f"{help} (default: {str(default).replace('%', '%%')})"
+
+
+DEFAULT_MODEL = os.environ.get("SD2_MODEL", "./weights/stable-diffusion-2-base")
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, size: int | None, device: str,
+                    size_help: str = "image size in pixels", seed_help: str = "random seed",
+                    dtype: bool = True) -> None:
+    """The flags every command that loads a model shares: --model --prediction --size --seed
+    --dtype (unless dtype is False) --device (device: the default, cuda where there is one)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="SD 2.0 pipeline folder or single "
+                   ".safetensors file (default: $SD2_MODEL or %(default)s)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="eps (512-base) or v (768-v); "
+                   "needed for a single-file 768-v checkpoint (default: the folder's scheduler "
+                   "config, eps for a single file)")
+    p.add_argument("--size", type=int, default=size, help=size_help)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="network dtype; latents, sigmas and the guidance step stay float32")
+    p.add_argument("--device", default=device, help="torch device (under torchrun: "
+                   "cuda:LOCAL_RANK)")
+
+
 def run(body: Callable[[], str], *, interrupted: str, to_stderr: bool = False) -> int:
     """A command's main(): `body()` returns the line printed when it is done. A ValueError is
     the user's to fix: `error: <message>`, exit 2; so is an OSError (a full disk, a folder that
@@ -129,3 +170,55 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, value) -> None:
     write_text(path, json.dumps(value, indent=2))
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in the file `path`; None when it holds none (truncated, or not JSON): a
+    record that does not parse is work not done."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except ValueError:  # json's errors, and bytes that are not text
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) What records and flags share
+# ---------------------------------------------------------------------------------------------
+
+
+def check(conditions) -> None:
+    """Bad input is one line: ValueError with the message of the first (ok, message) whose ok
+    is false."""
+    for ok, message in conditions:
+        if not ok:
+            raise ValueError(message)
+
+
+def parse_map(text: str | None, what: str, value=str) -> dict:
+    """A comma list of KEY=VALUE (keys as given: 'dps=1.2,sr/dmap=3' or 'sr=runs/a') -> dict;
+    ValueError saying the form."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, eq, v = item.partition("=")
+        try:
+            out[key.strip()] = value(v)
+        except ValueError:
+            eq = ""
+        if not eq or not key.strip():
+            raise ValueError(f"{what} takes a comma list of NAME=VALUE, got {item!r}")
+    return out
+
+
+def code_version() -> str:
+    """The git commit of this checkout (+dirty with uncommitted changes), or 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+dirty" if dirty else "")

@@ -11,17 +11,13 @@ self-generated data set, restore with it:
     python cse.py generate --n 1000 --out gen/
     python dmap.py --method dmap --op sr --cse runs/sr/checkpoint-5000 img.png
 
-Reading order: (1) the config; (2) the ControlNet: the hint embedding, the copied UNet encoder,
-the zero convs, and `from_unet`; (3) loading a diffusers folder (the authors' checkpoints), the
-original lllyasviel single-file layout, and a trained CSE with what it was trained for; (4) the
-CSE denoiser, x0_hat(x, sigma; y); (5) training; (6) the self-generated data set; (7) the
-command line. Parameter names are diffusers' ControlNetModel's own
-(`diffusers/models/controlnets/controlnet.py`), so a diffusers folder loads without renaming.
+The network and its loaders are controlnet.py's; the CSE denoiser, x0_hat(x, sigma; y), is
+dmap.CSEDenoiser. Reading order: (1) training; (2) the self-generated data set; (3) the
+command line.
 """
 
 import cli  # first: Ctrl-C while torch imports is one line (cli.py)
 
-import argparse
 import contextlib
 import functools
 import json
@@ -33,12 +29,10 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from torch import nn
 from tqdm import tqdm
@@ -47,313 +41,12 @@ import dmap
 import operators
 import plot
 import vae
-from checkpoint import find_weights, load_state, read_config
-from unet import TINY, UNet, UNetConfig, UNetEncoder, layout, ldm_unet_key, load_unet
+from checkpoint import read_config
+from controlnet import ControlNet, from_unet, load_controlnet
+from unet import load_unet
 
 # ---------------------------------------------------------------------------------------------
-# (1) The config: the UNet's encoder half plus the hint embedding
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ControlNetConfig(UNetConfig):
-    """UNetConfig (out_channels unused: a ControlNet has no up path) plus the hint."""
-
-    conditioning_channels: int = 3  # hint channels (RGB)
-    # widths of the hint embedding's levels; each level after the first halves the resolution
-    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
-
-    @classmethod
-    def from_diffusers(cls, cfg: dict, path: str = "controlnet config.json") -> "ControlNetConfig":
-        """Read a diffusers ControlNetModel config.json (`path`, named in errors); reject what
-        this ControlNet cannot build."""
-        def fail(what):
-            raise ValueError(f"{path}: {what}; only Stable Diffusion 2.x ControlNets "
-                             "(ControlNetModel) are supported")
-
-        if cfg.get("_class_name") not in (None, "ControlNetModel"):
-            fail(f"_class_name {cfg['_class_name']!r} is not ControlNetModel (load the "
-                 "controlnet/ folder of a checkpoint, not its unet/)")
-        encoder = UNetConfig.from_diffusers(cfg, path)  # the same keys as the UNet's
-        # Missing keys take diffusers' ControlNetModel defaults.
-        if cfg.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
-            fail("controlnet_conditioning_channel_order is not 'rgb'")
-        if cfg.get("global_pool_conditions", False):
-            fail("global_pool_conditions is true")
-        chans = cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
-        if not chans or not all(isinstance(c, int) and c > 0 for c in chans):
-            fail(f"conditioning_embedding_out_channels {chans!r} is not a list of widths")
-        hint = cfg.get("conditioning_channels", 3)
-        if not (isinstance(hint, int) and hint > 0):
-            fail(f"conditioning_channels {hint!r} is not a positive integer")
-        return cls(**vars(encoder), conditioning_channels=hint,
-                   conditioning_embedding_out_channels=tuple(chans))
-
-    def to_diffusers(self) -> dict:
-        """The config.json that diffusers' ControlNetModel (and from_diffusers) reads back: the
-        UNet's keys without its up path, plus the hint's."""
-        cfg = {k: v for k, v in super().to_diffusers().items()
-               if k not in ("out_channels", "up_block_types")}
-        return dict(cfg, _class_name="ControlNetModel",
-                    conditioning_channels=self.conditioning_channels,
-                    conditioning_embedding_out_channels=list(
-                        self.conditioning_embedding_out_channels))
-
-
-SD2_CONTROLNET = ControlNetConfig()  # the authors' CSE: ControlNetModel.from_unet(SD2-base UNet)
-TINY_CONTROLNET = ControlNetConfig(**vars(TINY))  # for tests: TINY's encoder
-
-
-# ---------------------------------------------------------------------------------------------
-# (2) The ControlNet
-# ---------------------------------------------------------------------------------------------
-
-
-def zero_module(module: nn.Module) -> nn.Module:
-    """diffusers controlnet.py zero_module (ControlNet's "zero convolution"): all parameters 0."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class ConditioningEmbedding(nn.Module):
-    """diffusers ControlNetConditioningEmbedding (original cldm.py input_hint_block): conv_in,
-    then per level a 3x3 conv and a stride-2 3x3 conv, SiLU after each; conv_out zero-init."""
-
-    def __init__(self, channels: int, widths: tuple[int, ...], out_channels: int):
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels, widths[0], 3, padding=1)
-        self.blocks = nn.ModuleList()
-        for cin, cout in zip(widths[:-1], widths[1:], strict=True):
-            self.blocks.append(nn.Conv2d(cin, cin, 3, padding=1))
-            self.blocks.append(nn.Conv2d(cin, cout, 3, padding=1, stride=2))
-        self.conv_out = zero_module(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
-
-    def forward(self, hint):
-        e = F.silu(self.conv_in(hint))
-        for block in self.blocks:
-            e = F.silu(block(e))
-        return self.conv_out(e)
-
-
-class ControlNet(UNetEncoder):
-    """diffusers ControlNetModel for Stable Diffusion 2.x (original cldm.py ControlNet).
-
-    conv_in, time_embedding, down_blocks and mid_block are the UNet's encoder (UNetEncoder,
-    the same code); controlnet_cond_embedding embeds the hint, added to the conv_in output;
-    controlnet_down_blocks (one zero-initialised 1x1 conv per skip) and controlnet_mid_block
-    map the 12 skips and the mid block output to the residuals.
-    """
-
-    def __init__(self, cfg: ControlNetConfig):
-        super().__init__(cfg)
-        chans, L = cfg.block_out_channels, cfg.layers_per_block
-        self.controlnet_cond_embedding = ConditioningEmbedding(
-            cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, chans[0])
-        # the widths of the skips in UNetEncoder.encode's order: conv_in's, then per level L
-        # resnets and (all levels but the last) the downsampler
-        widths = [chans[0]] + [c for i, c in enumerate(chans)
-                               for _ in range(L + (i < len(chans) - 1))]
-        self.controlnet_down_blocks = nn.ModuleList(
-            zero_module(nn.Conv2d(c, c, 1)) for c in widths)
-        self.controlnet_mid_block = zero_module(nn.Conv2d(chans[-1], chans[-1], 1))
-
-    def forward(self, x, t, context, hint, conditioning_scale: float = 1.0):
-        """x (B, 4, h, w) latents as the UNet sees them, t timesteps (scalar or (B,), int or
-        fractional), context (B, 77, 1024), hint (B, 3, 8h, 8w) -> (down, mid): the 12 skip
-        residuals (a list) and the mid residual, each times conditioning_scale (diffusers
-        ControlNetModel.forward, guess_mode False). At 512 px (h = w = 64) for SD 2: (320, 64)
-        x3, (320, 32), (640, 32) x2, (640, 16), (1280, 16) x2, (1280, 8) x3; mid (1280, 8).
-
-        The hint enters the embedding as given; diffusers does not normalise it inside the
-        model (its pipelines feed [0, 1]). The authors feed the degraded image in [-1, 1]
-        (prepare_image overridden, docs/official_code.md §3.1 and §4.7) and trained on it
-        (§7), so pass `operators.OPERATORS[op](...).hint(y)` unchanged.
-        """
-        temb = self.embed_time(t, x)
-        h = self.conv_in(x)
-        e = self.controlnet_cond_embedding(hint)
-        if e.shape[-2:] != h.shape[-2:]:
-            f = 2 ** (len(self.cfg.conditioning_embedding_out_channels) - 1)
-            raise ValueError(f"hint {tuple(hint.shape[-2:])} for latents {tuple(x.shape[-2:])}:"
-                             f" the hint is the degraded image at full resolution, {f}x the "
-                             "latent size; pass op.hint(y), not y")
-        h, skips = self.encode(h + e, temb, context)
-        h = self.run(self.mid_block, h, temb, context)
-        down = [conv(s) * conditioning_scale
-                for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
-        return down, self.controlnet_mid_block(h) * conditioning_scale
-
-
-# What diffusers ControlNetModel.from_unet copies from the UNet (with time_proj, which has no
-# parameters); the hint embedding keeps PyTorch's default init, the zero convs stay 0.
-COPIED = ("conv_in", "time_embedding", "down_blocks", "mid_block")
-
-
-def from_unet(unet: UNet, conditioning_channels: int = 3,
-              conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
-              ) -> ControlNet:
-    """A new ControlNet for `unet`: diffusers ControlNetModel.from_unet, as the authors
-    create the CSE (train_controlnet.py:634, docs/official_code.md §7).
-
-    Built on the UNet's device in torch's default dtype (diffusers: the trainable copy is float32
-    even from an fp16 UNet); the encoder's tensors are copies, not shared with the UNet, and
-    trainable (requires_grad) whatever the UNet's flags.
-    """
-    cfg = ControlNetConfig(**vars(unet.cfg), conditioning_channels=conditioning_channels,
-                           conditioning_embedding_out_channels=conditioning_embedding_out_channels)
-    with torch.device(unet.conv_in.weight.device):
-        controlnet = ControlNet(cfg)
-    for name in COPIED:
-        getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
-    return layout(controlnet)
-
-
-# ---------------------------------------------------------------------------------------------
-# (3) Loading: a diffusers folder, or an original (lllyasviel) single-file checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def load_controlnet(folder: str, device=None, dtype=None) -> ControlNet:
-    """The ControlNet of a diffusers folder (config.json + diffusion_pytorch_model[.fp16]
-    .safetensors): the authors' `checkpoint-N/controlnet/` and `xutongda/control_e_sd2.0_srx8`.
-
-    Built on the meta device and filled tensor by tensor; dtype None keeps the file's dtype.
-    """
-    cfg = ControlNetConfig.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
-    path = find_weights(folder, "diffusion_pytorch_model")
-    with torch.device("meta"):
-        model = ControlNet(cfg)
-    return layout(load_state(model, path, lambda key: key, device, dtype))
-
-
-# Original ControlNet names (cldm.py ControlNet; docs/sd2_formats.md §3.2, diffusers
-# single_file_utils.py convert_controlnet_checkpoint) -> ours, for what a ControlNet adds to the
-# UNet encoder; the encoder's own names (time_embed, input_blocks, middle_block) are the LDM
-# UNet's, mapped by ldm_unet_key. input_hint_block.{i}: convs at even i, SiLU at odd i;
-# {k} = i / 2 - 1; {last} = 4 n - 2, n = len(conditioning_embedding_out_channels).
-_ORIGINAL_CONTROLNET = [
-    (r"input_hint_block\.0", "controlnet_cond_embedding.conv_in"),
-    (r"input_hint_block\.{last}", "controlnet_cond_embedding.conv_out"),
-    (r"input_hint_block\.(\d*[02468])", "controlnet_cond_embedding.blocks.{k}"),
-    (r"zero_convs\.(\d+)\.0", "controlnet_down_blocks.{i}"),
-    (r"middle_block_out\.0", "controlnet_mid_block"),
-]
-# The ControlNet's modules in a standalone file without the `control_model.` prefix
-# (thibaud/controlnet-sd21; diffusers recognises those by `time_embed.0.weight`).
-_ORIGINAL_MODULES = ("time_embed.", "input_blocks.", "middle_block.", "input_hint_block.",
-                     "zero_convs.", "middle_block_out.")
-
-
-def original_controlnet_key(key: str, config: ControlNetConfig = SD2_CONTROLNET) -> str | None:
-    """Our name for a key `control_model.*` of a ControlLDM checkpoint (or of a standalone file
-    without the prefix); None for the other parts (model.diffusion_model., first_stage_model.,
-    cond_stage_model., schedule buffers); an unknown ControlNet key comes back in the LDM UNet
-    namespace, so that load_state reports it."""
-    rest = key.removeprefix("control_model.")
-    if rest == key and not rest.startswith(_ORIGINAL_MODULES):
-        return None
-    last = 4 * len(config.conditioning_embedding_out_channels) - 2
-    for pattern, template in _ORIGINAL_CONTROLNET:
-        m = re.fullmatch(pattern.format(last=last) + r"\.(weight|bias)", rest)
-        if m is not None:
-            *index, kind = m.groups()
-            i = int(index[0]) if index else 0
-            return f"{template.format(i=i, k=i // 2 - 1)}.{kind}"
-    return ldm_unet_key("model.diffusion_model." + rest, config.layers_per_block)
-
-
-def controlnet_from_single_file(path: str, config: ControlNetConfig = SD2_CONTROLNET,
-                                device=None, dtype=None) -> ControlNet:
-    """The ControlNet of an original single-file checkpoint (a ControlLDM file, `control_model.`
-    keys, or a standalone one; fp32/fp16/bf16). dtype None keeps the file's dtype."""
-    with torch.device("meta"):
-        model = ControlNet(config)
-    rename = functools.partial(original_controlnet_key, config=config)
-    return load_state(model, path, rename, device, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# (4) The CSE denoiser: dmap.SDDenoiser with the ControlNet's residuals in the UNet
-# ---------------------------------------------------------------------------------------------
-
-# What the residuals' shapes depend on: these must agree between the ControlNet and the UNet.
-_MUST_MATCH = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
-
-
-def check_matches(controlnet: ControlNet, unet: UNet) -> None:
-    """Refuse a ControlNet whose residuals cannot be added to this UNet, naming the mismatch."""
-    bad = [f"{k} {getattr(controlnet.cfg, k)} (UNet: {getattr(unet.cfg, k)})"
-           for k in _MUST_MATCH if getattr(controlnet.cfg, k) != getattr(unet.cfg, k)]
-    if bad:
-        raise ValueError(f"the ControlNet does not fit the UNet: ControlNet {', '.join(bad)}; "
-                         "use the ControlNet trained for this UNet (or make one: from_unet)")
-
-
-class ControlledUNet(nn.Module):
-    """(x, t, context) -> eps_hat (or v) of the UNet with the ControlNet's residuals for a fixed
-    hint: the official conditional denoiser (pipe.py:1687-1718, docs/official_code.md §4.7)."""
-
-    def __init__(self, unet: UNet, controlnet: ControlNet, hint: torch.Tensor,
-                 scale: float = 1.0):
-        super().__init__()
-        check_matches(controlnet, unet)
-        want = controlnet.cfg.conditioning_channels
-        if hint.ndim != 4 or hint.shape[1] != want:
-            raise ValueError(f"hint of shape {tuple(hint.shape)}: this ControlNet takes "
-                             f"(1 or B, {want}, H, W) images; pass op.hint(y)")
-        self.unet, self.controlnet, self.hint, self.scale = unet, controlnet, hint, scale
-
-    def forward(self, x, t, context):
-        # (B, 3, 8h, 8w), one y for the batch, in the network's dtype as x (SDDenoiser casts x)
-        hint = self.hint.to(x.dtype).expand(x.shape[0], -1, -1, -1)
-        residuals = self.controlnet(x, t, context, hint, self.scale)
-        return self.unet(x, t, context, residuals)
-
-
-class CSEDenoiser(dmap.SDDenoiser):
-    """denoiser(x, sigma) -> x0_hat = E[x0 | x, y] with the CSE (Xu et al., §4; Tweedie, Eq. 4).
-
-    dmap.SDDenoiser (scaling, fractional timestep, eps / v) whose network, `self.unet`, is the
-    ControlledUNet (`.unet`, `.controlnet`, `.hint` inside); scale: conditioning_scale (1.0 in
-    the official runs, docs/official_code.md §4.7). Gradients flow through the ControlNet and
-    the UNet, as in DPS+CSE (pipe.py:1732-1737).
-    """
-
-    def __init__(self, unet: UNet, controlnet: ControlNet, context: torch.Tensor,
-                 abar: torch.Tensor, hint: torch.Tensor, prediction: str = "eps",
-                 scale: float = 1.0):
-        super().__init__(ControlledUNet(unet, controlnet, hint, scale), context, abar,
-                         prediction)
-
-
-def load_cse(path: str, op: str, size: int, device=None, dtype=None) -> tuple[ControlNet, dict]:
-    """A trained CSE and what it was trained for: a `checkpoint-N/` folder of `cse.py train`
-    (controlnet/ + cse.json), a diffusers ControlNet folder (the authors' checkpoint-N/controlnet/,
-    xutongda/control_e_sd2.0_srx8), or an original single file. Where a cse.json says which
-    operator and image size the CSE learnt, a CSE for another one is refused."""
-    if not os.path.exists(path):
-        raise ValueError(f"--cse {path}: no such file or folder (a checkpoint-N folder of "
-                         "`python cse.py train`, or a diffusers ControlNet folder)")
-    if os.path.isfile(path):
-        return controlnet_from_single_file(path, device=device, dtype=dtype), {}
-    sub = os.path.join(path, "controlnet")
-    folder = sub if os.path.isdir(sub) else path
-    info = {}
-    for place in (path, os.path.dirname(os.path.abspath(folder))):
-        if os.path.isfile(os.path.join(place, "cse.json")):
-            info = read_config(place, "cse.json")
-            break
-    trained = (info.get("op", op), info.get("size", size))
-    if trained != (op, size):
-        raise ValueError(f"--cse {path} was trained for --op {trained[0]} at --size {trained[1]}"
-                         f"; this run is --op {op} at --size {size}: pass a CSE trained for it "
-                         f"(python cse.py train --op {op} --size {size} ...)")
-    return load_controlnet(folder, device, dtype), info
-
-
-# ---------------------------------------------------------------------------------------------
-# (5) Training (Sec. 4.2, Appendix B.2; the authors' train_controlnet.py, docs/official_code.md
+# (1) Training (Sec. 4.2, Appendix B.2; the authors' train_controlnet.py, docs/official_code.md
 # §7): the epsilon-MSE of the UNet with the ControlNet's residuals, only the ControlNet learns
 # ---------------------------------------------------------------------------------------------
 
@@ -515,8 +208,8 @@ def batch_losses(net, sd: dmap.Pipeline, context, images, op, op_args, ks, size,
             z = (mean.float() + (logvar.float() / 2).exp() * torch.stack(noise).to(device))
             z = z * vae.SCALING_FACTOR
     abar = sd.abar.to(device)[t][:, None, None, None]
-    z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
-    target = eps if sd.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * z
+    z_t = dmap.q_sample(z, abar, eps)
+    target = eps if sd.prediction == "eps" else dmap.velocity(z, abar, eps)
     ctx = context.expand(len(ks), -1, -1)
     with autocast():
         out = net(z_t, t, ctx) if op is None else \
@@ -596,7 +289,7 @@ RESUME_MUST_MATCH = ("train", "op", "operator", "size", "images", "n", "data_see
                      "batch", "lr", "lr_schedule", "prediction")
 
 
-def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
+def resume_checkpoint(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
     """Load checkpoint `path` into net (the ControlNet or the UNet) and optimizer, after
     checking that it was trained as this run asks; its record (step, losses)."""
     what = "controlnet" if isinstance(net, ControlNet) else "unet"
@@ -633,13 +326,12 @@ def resume(path: str, info: dict, net: nn.Module, optimizer, device) -> dict:
     return dict(old, step=state["step"])
 
 
-def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, steps, seed,
-                     autocast) -> Image.Image:
+def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, *, size: int,
+                     steps: int, seed: int, zeta: float | None, autocast) -> Image.Image:
     """Held-out images as rows after `steps` sampling steps: for a CSE the hint, the CSE alone
-    (DDPM), DPS+CSE (the paper's zeta) and the reference; for a prior (controlnet None) an
+    (DDPM), DPS+CSE (with `zeta`) and the reference; for a prior (controlnet None) an
     unconditional sample and the image."""
     sigmas = dmap.sd_sigmas(steps, sd.abar)
-    zeta = dmap.ZETA["dps"][0 if isinstance(op, operators.SR) else 1]
     device, rows = context.device, []
     for r, path in enumerate(paths):
         x = dmap.read_image(path, size).to(device)
@@ -648,7 +340,7 @@ def validation_panel(sd: dmap.Pipeline, controlnet, context, op, paths, size, st
             denoiser = dmap.SDDenoiser(sd.unet, context, sd.abar, sd.prediction)
         else:
             y = op(x)
-            denoiser = CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y),
+            denoiser = dmap.CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y),
                                    sd.prediction)
             runs, row = [("ddpm", {}), ("dps", {"zeta": zeta})], [dmap.to_uint8(op.hint(y))]
         for method, kwargs in runs:
@@ -685,109 +377,120 @@ def validation_images(held: list[str], train: list[str], size: int, n: int = 2) 
             or [p for p in train if min_side(p) >= size])[:n]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # train's and generate's default
+
 # The widths of the diffusers hint embedding (ControlNetModel's default); a pixel-space model
 # takes as many levels as halve its side to the latent's: the first one alone
 HINT_WIDTHS = (16, 32, 96, 256)
 
 
-def train(args) -> str:
-    """`python cse.py train`: the ControlNet from the SD 2.0 UNet (or --resume), trained on
-    --n images of --images for --steps steps of --batch samples; with --train unet the UNet of a
-    pixel-space model itself (a prior). Returns the last checkpoint."""
-    rank, world, device = distributed(torch.device(args.device))
-    B, m = args.batch, args.micro_batch
+def train(*, images: str, out: str, model: str = dmap.DEFAULT_MODEL, train: str = "controlnet",
+          op: str = "sr", size: int = 512, n: int | None = 100, data_seed: int = 42,
+          steps: int = 5000, batch: int = 64, micro_batch: int = 4, lr: float = 5e-6,
+          lr_schedule: str = "constant", bf16: bool = False, grad_checkpoint: bool = False,
+          checkpoint_every: int = 500, validate_every: int = 500, validation_steps: int = 25,
+          resume: bool = False, seed: int = 0, prediction: str | None = None,
+          device: str = DEVICE, sr_factor: int | None = None, blur_std: float | None = None,
+          kernel_weights: str | None = None) -> str:
+    """A CSE: the ControlNet from the UNet of `model` (or, resume, the newest checkpoint in
+    `out`), trained for operator `op` on n images of the folder `images` (None: all) for `steps`
+    steps of `batch` samples, `micro_batch` per forward pass; with train "unet" the UNet of a
+    pixel-space model itself (a prior; op unused). Each keyword is `python cse.py train`'s flag
+    of the same name (sr_factor, blur_std, kernel_weights: dmap.make_operator's). Returns the
+    last checkpoint."""
+    rank, world, device = distributed(torch.device(device))
+    B, m = batch, micro_batch
     checks = [(B >= 1 and m >= 1, f"--batch and --micro-batch must be >= 1, got {B}, {m}"),
               (B % world == 0, f"--batch {B} must be a multiple of the {world} processes"),
-              (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-              (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-              (args.size >= 8 and args.size % 8 == 0, f"--size must be a multiple of 8, got "
-               f"{args.size}"),
-              (args.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-              (args.n is None or args.n >= 1, f"--n must be >= 1, got {args.n}")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    found, last = checkpoints(args.out), last_checkpoint(args.out)
-    if found and not args.resume:
+              (steps >= 1, f"--steps must be >= 1, got {steps}"),
+              (lr > 0, f"--lr must be > 0, got {lr}"),
+              (size >= 8 and size % 8 == 0, f"--size must be a multiple of 8, got {size}"),
+              (checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+              (n is None or n >= 1, f"--n must be >= 1, got {n}")]
+    cli.check(checks)
+    prior = train == "unet"
+    operator, op_args = (None, None) if prior else dmap.make_operator(
+        op, size, seed=seed, model=model, sr_factor=sr_factor, blur_std=blur_std,
+        kernel_weights=kernel_weights)
+    found, last = checkpoints(out), last_checkpoint(out)
+    if found and not resume:
         raise ValueError(f"{found[-1]} exists; pass --resume to continue it, or another --out")
     if found and found[-1] != last:  # (--resume into an empty or missing --out starts afresh)
         raise ValueError(
             f"--resume: {found[-1]} has no state.pt (the optimizer state); move the checkpoints "
-            f"after {os.path.basename(last)} out of {args.out} to resume from {last}" if last else
-            f"--resume: {args.out} holds {', '.join(map(os.path.basename, found))}, but none "
+            f"after {os.path.basename(last)} out of {out} to resume from {last}" if last else
+            f"--resume: {out} holds {', '.join(map(os.path.basename, found))}, but none "
             "keeps its state.pt (the optimizer state, which only the two newest keep): put it "
             "back, or start a new run with another --out")
-    prior = args.train == "unet"
-    if prior and not dmap.is_pixel_model(args.model):
+    if prior and not dmap.is_pixel_model(model):
         raise ValueError(f"--train unet trains a pixel-space model (unet/ with 3 input channels "
-                         f"and scheduler/, no vae/; mini.py makes one); {args.model} is not one")
-    images, held = choose_images(args.images, args.n, args.data_seed)
-    small = sum(min_side(path) < args.size for path in images)
+                         f"and scheduler/, no vae/; mini.py makes one); {model} is not one")
+    train_images, held = choose_images(images, n, data_seed)
+    small = sum(min_side(path) < size for path in train_images)
     if small and rank == 0:
-        print(f"note: {small} of {len(images)} images are smaller than {args.size} px; the "
+        print(f"note: {small} of {len(train_images)} images are smaller than {size} px; the "
               "random crop upscales them (blurrier training targets)", file=sys.stderr)
-    op, op_args = (None, None) if prior else dmap.build_operator(args)
-    if op is not None:
-        op = op.to(device)
+    if operator is not None:
+        operator = operator.to(device)
     # a trained UNet keeps float32 master weights; --bf16 then only autocasts
-    sd = dmap.load_sd2(args.model, args.prediction, device,
-                       torch.bfloat16 if args.bf16 and not prior else torch.float32)
+    sd = dmap.load_sd2(model, prediction, device,
+                       torch.bfloat16 if bf16 and not prior else torch.float32)
     context = dmap.encode_prompt(sd, "").float()  # computed once; the text encoder is freed
     sd = sd._replace(text_encoder=None)
     for frozen in (sd.vae, None if prior else sd.unet):
         if frozen is not None:
             frozen.requires_grad_(False)
-    sd.unet.gradient_checkpointing = args.grad_checkpoint
+    sd.unet.gradient_checkpointing = grad_checkpoint
     if prior:
         net = sd.unet.requires_grad_(True)  # loaded frozen, as every network is
     else:
-        halvings = round(math.log2(args.size // sd.latent(args.size)[-1]))
+        halvings = round(math.log2(size // sd.latent(size)[-1]))
         with torch.random.fork_rng(devices=[]):  # the hint embedding's default init, seeded
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             net = from_unet(sd.unet, conditioning_embedding_out_channels=HINT_WIDTHS[
                 :halvings + 1]).float()  # fp32 master weights (diffusers: the same)
-        net.gradient_checkpointing = args.grad_checkpoint
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999),
+        net.gradient_checkpointing = grad_checkpoint
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999),
                                   weight_decay=1e-2, eps=1e-8)  # train_controlnet.py defaults
-    info = dict(train=args.train, op=None if prior else args.op,
+    info = dict(train=train, op=None if prior else op,
                 operator=None if prior else {k: v for k, v in op_args.items() if k != "seed"},
-                size=args.size, images=os.path.abspath(args.images), n=len(images),
-                data_seed=args.data_seed, seed=args.seed, batch=B, lr=args.lr,
-                lr_schedule=args.lr_schedule, steps=args.steps,
-                prediction=sd.prediction, model=os.path.abspath(args.model),
-                train_images=[os.path.relpath(p, args.images) for p in images])
-    done = resume(last, info, net, optimizer, device) if args.resume and last else {}
+                size=size, images=os.path.abspath(images), n=len(train_images),
+                data_seed=data_seed, seed=seed, batch=B, lr=lr, lr_schedule=lr_schedule,
+                steps=steps, prediction=sd.prediction, model=os.path.abspath(model),
+                train_images=[os.path.relpath(p, images) for p in train_images])
+    done = resume_checkpoint(last, info, net, optimizer, device) if resume and last else {}
     start, losses = done.get("step", 0), done.get("losses", [])[:done.get("step", 0)]
-    model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(net)
+    trained = net if world == 1 else torch.nn.parallel.DistributedDataParallel(net)
 
     def autocast():
-        return torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
+        return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
-    val = validation_images(held, images, args.size) if rank == 0 else []
-    bar = tqdm(total=args.steps, initial=start, desc="prior" if prior else f"CSE {args.op}",
-               unit="step", disable=rank != 0)
+    val = validation_images(held, train_images, size) if rank == 0 else []
+    zeta = None if prior else dmap.sampler_settings("dps", op)[1]["zeta"]  # the paper's
+    bar = tqdm(total=steps, initial=start, desc="prior" if prior else f"CSE {op}", unit="step",
+               disable=rank != 0)
     step = start
     try:
-        for step in range(start, args.steps):
+        for step in range(start, steps):
             t0 = time.perf_counter()
             ks = range(step * B + rank * B // world, step * B + (rank + 1) * B // world)
             chunks = [ks[i:i + m] for i in range(0, len(ks), m)]
             total = torch.zeros((), device=device)
             for c, chunk in enumerate(chunks):
                 # DDP averages the gradients over processes: each scales its sum by world / B
-                sync = model.no_sync() if world > 1 and c < len(chunks) - 1 else \
+                sync = trained.no_sync() if world > 1 and c < len(chunks) - 1 else \
                     contextlib.nullcontext()
                 with sync:
-                    batch = batch_losses(model, sd, context, images, op, op_args, chunk,
-                                         args.size, args.seed, autocast)
-                    (batch.sum() * world / B).backward()
-                total += batch.detach().sum()
+                    chunk_losses = batch_losses(trained, sd, context, train_images, operator,
+                                                op_args, chunk, size, seed, autocast)
+                    (chunk_losses.sum() * world / B).backward()
+                total += chunk_losses.detach().sum()
             if world > 1:
                 torch.distributed.all_reduce(total)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # max_grad_norm 1.0
             for group in optimizer.param_groups:  # constant: the authors'; cosine: to 0
-                group["lr"] = args.lr if args.lr_schedule == "constant" else \
-                    args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+                group["lr"] = lr if lr_schedule == "constant" else \
+                    lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = total.item() / B
@@ -798,27 +501,26 @@ def train(args) -> str:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / (time.perf_counter() - t0):.2f}")
             bar.update(1)
             finished = step + 1
-            if rank == 0 and (finished % args.checkpoint_every == 0 or finished == args.steps):
+            if rank == 0 and (finished % checkpoint_every == 0 or finished == steps):
                 try:
-                    last = save_checkpoint(args.out, finished, net, optimizer,
+                    last = save_checkpoint(out, finished, net, optimizer,
                                            dict(info, loss=loss, losses=losses))
                 except (OSError, RuntimeError, safetensors.SafetensorError) as e:
                     why = e.strerror if isinstance(e, OSError) and e.strerror else \
                         str(e).strip().partition("\n")[0] or type(e).__name__
                     raise ValueError(
-                        f"cannot write checkpoint-{finished} under {args.out} ({why}); " + (
+                        f"cannot write checkpoint-{finished} under {out} ({why}); " + (
                             f"{last} is intact: free space and continue with --resume" if last
                             else "no earlier checkpoint: free space and run again")) from None
-            if rank == 0 and args.validate_every and finished % args.validate_every == 0 \
-                    and val:
-                panel = validation_panel(sd, None if prior else net, context, op, val,
-                                         args.size, args.validation_steps, args.seed, autocast)
-                cli.write_atomic(os.path.join(args.out, f"validation-{finished}.png"),
-                                  panel.save)
+            if rank == 0 and validate_every and finished % validate_every == 0 and val:
+                panel = validation_panel(sd, None if prior else net, context, operator, val,
+                                         size=size, steps=validation_steps, seed=seed,
+                                         zeta=zeta, autocast=autocast)
+                cli.write_atomic(os.path.join(out, f"validation-{finished}.png"), panel.save)
             if world > 1:
                 torch.distributed.barrier()
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"at step {step + 1} of {args.steps}; " + (
+        raise KeyboardInterrupt(f"at step {step + 1} of {steps}; " + (
             f"{last} is whole: continue with --resume" if last else "no checkpoint yet")) \
             from None
     finally:
@@ -827,70 +529,61 @@ def train(args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# (6) The self-generated data set (the paper's "gen" CSE: unconditional SD 2.0 samples; the
+# (2) The self-generated data set (the paper's "gen" CSE: unconditional SD 2.0 samples; the
 # authors' data_gen.py: Euler ancestral, empty prompt, 50 steps)
 # ---------------------------------------------------------------------------------------------
 
 
-def generate(args) -> int:
-    """`python cse.py generate`: --n unconditional samples out/000000.png, ...; image i from
-    seed + i, so a stopped run continues with the images it lacks (each written atomically)
-    and processes under torchrun share the work. Returns how many it wrote."""
-    rank, world, device = distributed(torch.device(args.device))
-    if args.n is None or args.n < 1 or args.steps < 1:
-        raise ValueError(f"--n and --steps must be >= 1, got {args.n}, {args.steps}")
-    todo = [i for i in range(rank, args.n, world)
-            if not os.path.exists(os.path.join(args.out, f"{i:06d}.png"))]
+def generate(*, out: str, model: str = dmap.DEFAULT_MODEL, n: int = 1000, steps: int = 50,
+             size: int = 512, seed: int = 0, prediction: str | None = None,
+             device: str = DEVICE, dtype: str = "float32") -> int:
+    """n unconditional samples of `model`, out/000000.png, ...; image i from seed + i, so a
+    stopped run continues with the images it lacks (each written atomically) and processes
+    under torchrun share the work. Each keyword is `python cse.py generate`'s flag. Returns
+    how many it wrote."""
+    rank, world, device = distributed(torch.device(device))
+    if n is None or n < 1 or steps < 1:
+        raise ValueError(f"--n and --steps must be >= 1, got {n}, {steps}")
+    todo = [i for i in range(rank, n, world)
+            if not os.path.exists(os.path.join(out, f"{i:06d}.png"))]
     if not todo:
         return 0
-    dtype = getattr(torch, args.dtype)
-    sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
+    sd = dmap.load_sd2(model, prediction, device, getattr(torch, dtype))
     denoiser = dmap.SDDenoiser(sd.unet, dmap.encode_prompt(sd, ""), sd.abar, sd.prediction)
-    sigmas = dmap.sd_sigmas(args.steps, sd.abar)
-    latent = (1, sd.unet.cfg.in_channels, args.size // 8, args.size // 8)
-    os.makedirs(args.out, exist_ok=True)
+    sigmas = dmap.sd_sigmas(steps, sd.abar)
+    latent = (1, sd.unet.cfg.in_channels, size // 8, size // 8)
+    os.makedirs(out, exist_ok=True)
     written = 0
     try:
         for i in tqdm(todo, desc="generate", unit="image", disable=rank != 0):
-            g = torch.Generator(device).manual_seed(args.seed + i)
+            g = torch.Generator(device).manual_seed(seed + i)
             noise = dmap.noise_like(torch.empty(latent, device=device), g)  # float32 latents
             z0 = dmap.ddpm(denoiser, sigmas[0].item() * noise, None, None, sigmas, generator=g)
             with torch.no_grad():
                 image = Image.fromarray(dmap.to_uint8(sd.decode(z0)))
-            cli.write_atomic(os.path.join(args.out, f"{i:06d}.png"), image.save)
+            cli.write_atomic(os.path.join(out, f"{i:06d}.png"), image.save)
             written += 1
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"after {written} new image(s) in {args.out}; the same command "
+        raise KeyboardInterrupt(f"after {written} new image(s) in {out}; the same command "
                                 "writes the rest") from None
     return written
 
 
 # ---------------------------------------------------------------------------------------------
-# (7) The command line
+# (3) The command line
 # ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.DefaultsHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("train", help="train a CSE on a folder of images")
+    t = commands.add_parser("train", help="train a CSE on a folder of images",
+                            formatter_class=cli.DefaultsHelpFormatter)
     gen = commands.add_parser("generate", help="the self-generated training set (SD 2.0 "
-                              "samples)")
+                              "samples)", formatter_class=cli.DefaultsHelpFormatter)
     for q in (t, gen):
-        q.add_argument("--model", default=os.environ.get("SD2_MODEL",
-                                                         "./weights/stable-diffusion-2-base"),
-                       help="SD 2.0 pipeline folder or single .safetensors file (default: "
-                       "$SD2_MODEL or %(default)s)")
-        q.add_argument("--prediction", choices=["eps", "v"],
-                       help="eps (512-base) or v (768-v), for a single-file checkpoint (default: "
-                       "the folder's scheduler config, eps for a single file)")
         q.add_argument("--out", required=True, help="output folder")
-        q.add_argument("--size", type=int, default=512,
-                       help="image size in pixels (default: %(default)s)")
-        q.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default: %(default)s; under torchrun: cuda:LOCAL_RANK)")
+        cli.add_model_flags(q, size=512, device=DEVICE, dtype=q is gen)
     t.add_argument("--train", default="controlnet", choices=list(INFO),
                    help="what learns: a CSE (a ControlNet on the frozen UNet), or the UNet of a "
                    "pixel-space model itself (a prior, as mini.py trains; --op unused) "
@@ -934,25 +627,18 @@ def parse_args(argv=None):
                      "%(default)s)")
     gen.add_argument("--steps", type=int, default=50,
                      help="sampling steps, Euler ancestral (default: %(default)s)")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                     help="model dtype (default: %(default)s; the authors: float16)")
-    args = p.parse_args(argv)
-    if args.command == "train":  # dmap.build_operator's flags
-        try:
-            dmap.check_operator_flags(args)
-        except ValueError as e:
-            p.error(str(e))
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    settings = vars(parse_args(argv))  # each flag is the keyword of the same name
+    command = settings.pop("command")
     start = time.perf_counter()
 
     def body():
         try:
-            done = f"trained to {train(args)}" if args.command == "train" else \
-                f"wrote {generate(args)} new image(s) to {args.out}"
+            done = f"trained to {train(**settings)}" if command == "train" else \
+                f"wrote {generate(**settings)} new image(s) to {settings['out']}"
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()

@@ -6,9 +6,10 @@ Maximizing a Posterior", ICLR 2025, arXiv 2501.18913. Restore an image:
     python dmap.py --method dmap --op blur img.png
 
 Reading order: (1)-(3) are model-free and run unchanged on the exact toy priors of toy_gmm.py:
-(1) the Karras schedule; (2) the unguided Euler-ancestral step; (3) the samplers, one function
-each with one signature. Then (4) Stable Diffusion 2.0: its schedule, its denoiser (Tweedie,
-Eq. 4) and loading; (5) the restoration command. Every sampler works in "variance exploding"
+(1) the forward noising, Tweedie's formula and the Karras schedule; (2) the unguided
+Euler-ancestral step; (3) the samplers, one function each with one signature. Then (4) Stable
+Diffusion 2.0: its schedule, its denoiser (and the CSE's) and loading; (5) restoring an image,
+`restore`, a function; (6) its command line. Every sampler works in "variance exploding"
 coordinates, x = x0 + sigma * noise, as the official code does (diffusers' Euler-ancestral
 scheduler runs on latents scaled by sqrt(1 + sigma^2)), so the paper's step sizes carry over.
 """
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 import clip
+import controlnet
 import metrics
 import operators
 import plot
@@ -40,8 +42,44 @@ import vae
 from checkpoint import read_config
 
 # ---------------------------------------------------------------------------------------------
-# (1) A noise schedule: descending sigmas that end in 0 (Stable Diffusion's is in section (4))
+# (1) The diffusion: the forward noising q(x_t | x_0) (Eq. 1), its two coordinates, Tweedie's
+#     formula (Eq. 4), and a noise schedule (Stable Diffusion's is in section (4))
 # ---------------------------------------------------------------------------------------------
+
+
+def q_sample(x0: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) (Eq. 1; DDPM's "variance preserving" coordinates): sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) noise, as diffusers' DDPMScheduler.add_noise (used to train the CSE and the
+    pixel prior). The samplers use x = x_t / sqrt(abar_t) = x0 + sigma_t noise instead."""
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def velocity(x0: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target sqrt(abar) noise - sqrt(1 - abar) x0 (Salimans & Ho 2022;
+    DDPMScheduler.get_velocity), for 768-v models."""
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+def sigma_of_abar(abar: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t): the noise level of x_t / sqrt(abar_t) = x0 + sigma_t
+    noise, the "variance exploding" coordinates every sampler below works in."""
+    return ((1 - abar) / abar) ** 0.5
+
+
+def abar_of_sigma(sigma):
+    """Its inverse, abar_t = 1 / (1 + sigma_t^2) (a float or a tensor)."""
+    return 1 / (1 + sigma**2)
+
+
+def tweedie(x: torch.Tensor, sigma: float, eps_hat: torch.Tensor) -> torch.Tensor:
+    """Tweedie's formula (Eq. 4) with a noise prediction: x0_hat = E[x0 | x] = x - sigma eps_hat."""
+    return x - sigma * eps_hat
+
+
+def score(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Tweedie's formula (Eq. 4) read the other way: grad log p_sigma(x) = (x0_hat - x) / sigma^2,
+    flattened to (N, n)."""
+    return (x0_hat - x).flatten(1) / sigma**2
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -270,7 +308,7 @@ def resample(denoiser, x, y, A, sigmas, *, zeta=4.8, at=(0.1, 0.2), gamma=40.0, 
                     opt.zero_grad()
                     mse.sum().backward()
                     opt.step()
-            abar, abar_next = 1 / (1 + s[i] ** 2), 1 / (1 + s[i + 1] ** 2)
+            abar, abar_next = abar_of_sigma(s[i]), abar_of_sigma(s[i + 1])
             v = gamma * (1 - abar_next) / (1 - abar) * (1 - abar / abar_next)  # official, VP
             tau2, s2 = v / abar_next, s[i + 1] ** 2  # the VP variance in VE coordinates
             mean = (tau2 * z.detach() + s2 * x) / (tau2 + s2)  # Eq. 39
@@ -351,8 +389,8 @@ def implied_score(name, denoiser, x, y, A, sigma: float, sigma_next: float, *, r
     shift = (step[name] - step["ddpm"]).view(len(x), repeats, -1) / (sigma**2 - sigma_next**2)
     mc_var = shift.var(1).sum(1) / repeats if repeats > 1 else x.new_zeros(len(x))
     with torch.no_grad():
-        score = (denoiser(x, sigma) - x).flatten(1) / sigma**2
-    return score + shift.mean(1), mc_var
+        own = score(x, denoiser(x, sigma), sigma)
+    return own + shift.mean(1), mc_var
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +412,7 @@ def sd_sigmas(steps: int, abar: torch.Tensor) -> torch.Tensor:
     (float32) interpolated linearly in t (np.interp, float64), a final 0, rounded to float32.
     500 steps: sigma_max 14.6146."""
     t = np.linspace(0, len(abar) - 1, steps, dtype=np.float32)[::-1]
-    table = (((1 - abar) / abar) ** 0.5).numpy()
+    table = sigma_of_abar(abar).numpy()
     sigmas = np.interp(t, np.arange(len(abar)), table)
     return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
 
@@ -398,7 +436,7 @@ class SDDenoiser:
     def __init__(self, unet, context: torch.Tensor, abar: torch.Tensor, prediction: str = "eps"):
         assert prediction in ("eps", "v"), prediction
         self.unet, self.context, self.prediction = unet, context, prediction
-        self.table = (((1 - abar) / abar) ** 0.5).double().numpy()
+        self.table = sigma_of_abar(abar).double().numpy()
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)
@@ -406,9 +444,24 @@ class SDDenoiser:
         x_in = (x / math.sqrt(sigma**2 + 1)).to(self.context.dtype)
         out = self.unet(x_in, t, self.context.expand(x.shape[0], -1, -1)).to(x.dtype)
         if self.prediction == "eps":
-            return x - sigma * out  # Tweedie, Eq. 4: x0_hat = x - sigma * eps_hat
+            return tweedie(x, sigma, out)
         # v-prediction (768-v model): x0 = sqrt(abar) x_vp - sqrt(1 - abar) v, in sigma space
         return x / (sigma**2 + 1) - out * sigma / math.sqrt(sigma**2 + 1)
+
+
+class CSEDenoiser(SDDenoiser):
+    """denoiser(x, sigma) -> x0_hat = E[x0 | x, y] with the CSE (Xu et al., §4; Tweedie, Eq. 4).
+
+    SDDenoiser (scaling, fractional timestep, eps / v) whose network, `self.unet`, is the
+    controlnet.ControlledUNet (`.unet`, `.controlnet`, `.hint` inside); scale:
+    conditioning_scale (1.0 in the official runs, docs/official_code.md §4.7). Gradients flow
+    through the ControlNet and the UNet, as in DPS+CSE (pipe.py:1732-1737).
+    """
+
+    def __init__(self, unet, controlnet_net, context: torch.Tensor, abar: torch.Tensor,
+                 hint: torch.Tensor, prediction: str = "eps", scale: float = 1.0):
+        super().__init__(controlnet.ControlledUNet(unet, controlnet_net, hint, scale), context,
+                         abar, prediction)
 
 
 HUB_REPO = "stabilityai/stable-diffusion-2-base"
@@ -427,6 +480,7 @@ class Pipeline(NamedTuple):
     tokenizer: "clip.Tokenizer | None"  # None: a single file without a tokenizer/ folder beside
     abar: torch.Tensor  # the DDPM table alpha_bar_t, t = 0..999
     prediction: str  # "eps" (512-base) or "v" (768-v)
+    path: str = ""  # where it was loaded from (its defaults.json, if any, is read from there)
 
     def latent(self, size: int) -> tuple[int, int, int]:
         """The shape of the latent of one size x size image: (4, size / 8, size / 8) for SD 2.0
@@ -479,7 +533,7 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                         vae.vae_from_single_file(path, device=device, dtype=dtype),
                         clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
                         clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
-                        else None, sd_abar(), prediction or "eps")
+                        else None, sd_abar(), prediction or "eps", path)
     pixel = is_pixel_model(path)
     parts = ("unet", "scheduler") if pixel else \
         ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -505,12 +559,12 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                    scheduler.get("num_train_timesteps", 1000))
     if pixel:
         return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype), None, None,
-                        None, abar, folder_prediction)
+                        None, abar, folder_prediction, path)
     return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype),
                     vae.load_vae(os.path.join(path, "vae"), device, dtype),
                     clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
                     clip.Tokenizer.from_folder(os.path.join(path, "tokenizer")), abar,
-                    folder_prediction)
+                    folder_prediction, path)
 
 
 CHECKPOINTING = ("none", "vae", "all")
@@ -548,7 +602,8 @@ def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# (5) The restoration command
+# (5) Restoring an image: the defaults (one table, read by sampler_settings), the operator,
+#     the sampler on the model's latents, the record
 # ---------------------------------------------------------------------------------------------
 
 # zeta per method for (SR x8, every other operator): official Record.md and ddps README
@@ -560,6 +615,13 @@ ZETA = {"dps": (4.8, 0.6), "dsg": (0.08, 0.08), "dmap": (4.8, 0.6), "freedom": (
 # 500 steps: K 2 at 250 steps with zeta doubled.
 DMAP_SETTINGS = {"full": dict(steps=500, K=3, zeta_scale=1.0),
                  "same": dict(steps=250, K=2, zeta_scale=2.0)}
+# The paper's method names (Table 4) -> (sampler, DMAP budget), for eval.py, speed.py and mini.py;
+# "NAME+cse" puts the CSE in the denoiser (Algorithms 3-4), "cse" alone is the unguided sampler
+# on the CSE.
+METHODS = {"ddpm": ("ddpm", None), "dps": ("dps", None), "dsg": ("dsg", None),
+           "dmap": ("dmap", "full"), "dmap-same": ("dmap", "same"),
+           "freedom": ("freedom", None), "resample": ("resample", None),
+           "psld": ("psld", None), "cse": ("ddpm", None)}
 # Method knobs the command exposes; each flag is named as the sampler keyword it sets.
 KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
 # Operator flags and the operators they apply to (the operator's keyword, the default).
@@ -569,17 +631,14 @@ OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8), "blur_std": ("blur", "std", 
 # in models/, trained and tuned by mini.py at 32 px): {"size": 32, "steps": 25, "operators":
 # {op: {keyword: value}}, "zeta": {op: {method: zeta}}}; flags the user gives still win.
 MODEL_DEFAULTS = "defaults.json"
+DEFAULT_MODEL = cli.DEFAULT_MODEL  # $SD2_MODEL, else ./weights/stable-diffusion-2-base
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_defaults(model: str) -> dict:
     """The model folder's defaults.json, or {} (SD 2.0: the paper's defaults above)."""
     path = os.path.join(model, MODEL_DEFAULTS)
     return read_config(model, MODEL_DEFAULTS) if os.path.isfile(path) else {}
-
-
-# Flags that do not change the restoration, left out of the output names.
-NOT_IN_NAME = ("image", "method", "op", "model", "prediction", "out", "name", "force", "device",
-               "kernel_weights", "prompt", "no_crop", "observed", "cse", "checkpointing")
 
 
 def usable_device(name: str) -> torch.device:
@@ -626,6 +685,215 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def sampler_settings(method: str, op: str, *, model: str | None = None, steps: int | None = None,
+                     zeta: float | None = None, dmap_setting: str | None = None, eta: float = 1.0,
+                     **knobs) -> tuple[int, dict, str | None]:
+    """The one place the defaults are read: (steps, the sampler's keyword arguments, where zeta
+    came from) for `method` on operator `op`. Given values win; then the model folder's
+    defaults.json (`model`); then the paper's: ZETA, DMAP_SETTINGS and 500 steps. knobs: the
+    method's own (KNOBS; None = its default). ValueError on nonsense and on a setting the method
+    does not take (named as the command's flag, which is the keyword with dashes)."""
+    fn = SAMPLERS[method]
+    params = inspect.signature(fn).parameters
+    unknown = set(knobs) - set(KNOBS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}; the knobs are {KNOBS}")
+    for name, value in dict(knobs, zeta=zeta).items():
+        if value is not None and name not in params:
+            raise ValueError(f"--{name} does not apply to --method {method}")
+    if dmap_setting is not None and fn is not dmap:
+        raise ValueError(f"--dmap-setting does not apply to --method {method}")
+    budget = DMAP_SETTINGS[dmap_setting or "full"]
+    defaults = model_defaults(model) if model and os.path.isdir(model) else {}
+    full = defaults.get("steps", 500)  # DMAP (same): the same fraction of the model's steps
+    if steps is None:
+        steps = max(1, full * budget["steps"] // 500) if fn is dmap else full
+    kwargs, zeta_from = {"eta": eta}, None
+    if "zeta" in params and zeta is not None:
+        kwargs["zeta"], zeta_from = zeta, "--zeta"
+    elif "zeta" in params and defaults:
+        name = "dmap-same" if fn is dmap and dmap_setting == "same" else method
+        table = defaults.get("zeta", {}).get(op, {})
+        if name not in table:
+            raise ValueError(f"{model}/{MODEL_DEFAULTS} has no zeta for {name} on {op} (it has "
+                             f"{', '.join(defaults.get('zeta', {})) or 'none'}); pass --zeta")
+        kwargs["zeta"] = table[name]
+        zeta_from = os.path.join(os.path.abspath(model), MODEL_DEFAULTS)
+    elif "zeta" in params:
+        value = ZETA[method][0 if op == "sr" else 1]
+        kwargs["zeta"] = value * budget["zeta_scale"] if fn is dmap else value
+        zeta_from = "dmap.ZETA (the official log)"
+    if fn is dmap:
+        kwargs["K"] = budget["K"]
+    for name in KNOBS:
+        value = knobs.get(name)
+        if value is not None:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    fractions = kwargs.get("window", ()) + kwargs.get("at", ())
+    checks = [(steps >= 1, f"--steps must be >= 1, got {steps}"),
+              (kwargs.get("zeta", 0) >= 0, f"--zeta must be >= 0, got {kwargs.get('zeta')}"),
+              (0 <= eta <= 1, f"--eta must be in [0, 1], got {eta}"),
+              (kwargs.get("K", 1) >= 1, f"--K must be >= 1, got {kwargs.get('K')}"),
+              (all(v >= 0 for k, v in kwargs.items() if k in ("gamma", "iters", "lr")),
+               "--gamma, --iters and --lr must be >= 0"),
+              (kwargs.get("repeats", 1) >= 1, f"--repeats must be >= 1, got "
+               f"{kwargs.get('repeats')}"),
+              (all(0 <= f <= 1 for f in fractions), "--window and --at are loop fractions in "
+               f"[0, 1], got {list(fractions)}")]
+    cli.check(checks)
+    return steps, kwargs, zeta_from
+
+
+def make_operator(op: str, size: int, *, seed: int = 0, model: str | None = None,
+                  **flags) -> tuple[operators.Operator, dict]:
+    """Operator `op` for size x size images with the settings that apply to it (OPERATOR_FLAGS:
+    sr_factor, blur_std, kernel_weights; None = the model folder's default, else the paper's),
+    the seed of a random one; -> (operator, its arguments for the record)."""
+    unknown = set(flags) - set(OPERATOR_FLAGS)
+    if unknown:
+        raise TypeError(f"unknown operator settings {sorted(unknown)}; they are "
+                        f"{tuple(OPERATOR_FLAGS)}")
+    for name, (applies, _, _) in OPERATOR_FLAGS.items():
+        if flags.get(name) is not None and op != applies:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --op {applies} only")
+    cls = operators.OPERATORS[op]
+    op_args = {"size": size}
+    defaults = model_defaults(model) if model and os.path.isdir(model) else {}
+    for name, (applies, keyword, default) in OPERATOR_FLAGS.items():
+        if op == applies:
+            default = defaults.get("operators", {}).get(op, {}).get(keyword, default)
+            op_args[keyword] = default if flags.get(name) is None else flags[name]
+    if "seed" in inspect.signature(cls).parameters:
+        op_args["seed"] = seed
+    operator = cls(**op_args)
+    if "weights" in op_args:
+        op_args["weights"] = os.path.abspath(op_args["weights"])
+    return operator, op_args
+
+
+def default_size(model) -> int:
+    """The image size a model restores by default: its defaults.json's, else SD 2.0's 512."""
+    return model_defaults(model).get("size", 512) if isinstance(model, str) and \
+        os.path.isdir(model) else 512
+
+
+def posterior_sample(sd: Pipeline, denoiser, op, y, *, method: str, size: int, steps: int,
+                     sampler_kwargs: dict, generator: torch.Generator) -> torch.Tensor:
+    """Sampler `method` on the latents of size x size images, from seeded noise, with a progress
+    bar; -> z0, one latent per measurement in the batch y (the samplers treat batch elements
+    independently). A(z) = op(decode(z)): the measurement operator on latents."""
+
+    def A(z):
+        return op(sd.decode(z))
+
+    parts = model_parts(method, H=op, adjoint=getattr(op, "adjoint", None), decode=sd.decode,
+                        encode=sd.encode)
+    sigmas = sd_sigmas(steps, sd.abar)
+    noise = noise_like(torch.empty((len(y), *sd.latent(size)), device=y.device, dtype=y.dtype),
+                       generator)
+    bar = tqdm(total=steps, desc=f"{method} {type(op).__name__}", unit="step", leave=None)
+
+    def callback(d):
+        if not torch.isfinite(d["x"]).all():
+            raise FloatingPointError(f"NaN or inf at step {d['i']} (sigma {d['sigma']:.3g}); "
+                                     "try a smaller --zeta")
+        if d["loss"] is not None:
+            bar.set_postfix(loss=f"{d['loss'].max().item():.4g}")
+        bar.update(1)
+
+    try:
+        return SAMPLERS[method](denoiser, sigmas[0].item() * noise, y, A, sigmas,
+                                generator=generator, callback=callback, **parts,
+                                **sampler_kwargs)
+    except FloatingPointError as e:
+        raise ValueError(str(e)) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"at step {bar.n + 1} of {steps}; nothing written") from None
+    finally:
+        bar.close()
+
+
+def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str = "dmap",
+            op: str = "sr", size: int | None = None, steps: int | None = None,
+            zeta: float | None = None, dmap_setting: str | None = None, eta: float = 1.0,
+            sigma_y: float = 0.0, cse: str | None = None, prompt: str = "", seed: int = 0,
+            observed: bool = False, crop: bool = True, prediction: str | None = None,
+            device: str = "cpu", dtype: str = "float32", checkpointing: str = "none",
+            **settings) -> dict:
+    """Restore one image: read it (centre crop, `size` px), synthesise y = A(x) + sigma_y noise
+    (or, observed, read y itself), sample the posterior with `method`, decode. `model`: a folder
+    or file for load_sd2, or a Pipeline already loaded (then `device`, `dtype`, `prediction`
+    and `checkpointing` are the caller's business). settings: the method's knobs (KNOBS) and the
+    operator's (OPERATOR_FLAGS), None = defaults (sampler_settings, make_operator).
+    -> {"restored", "measurement", "reference" (None when observed): (H, W, 3) uint8 images;
+    "record": every setting used, PSNR, seconds}."""
+    start = time.perf_counter()
+    path = model.path if isinstance(model, Pipeline) else model
+    size = default_size(path) if size is None else size
+    knobs = {k: settings.pop(k) for k in KNOBS if k in settings}
+    steps, kwargs, zeta_from = sampler_settings(method, op, model=path, steps=steps, zeta=zeta,
+                                                dmap_setting=dmap_setting, eta=eta, **knobs)
+    checks = [(not (observed and sigma_y), "--sigma-y synthesises noise; with --observed, y is "
+               "read as it is"), (sigma_y >= 0, f"--sigma-y must be >= 0, got {sigma_y}"),
+              (size >= 8 and size % 8 == 0, f"--size must be a multiple of 8, got {size}")]
+    cli.check(checks)
+    device = usable_device(device) if not isinstance(model, Pipeline) else \
+        next(model.unet.parameters()).device
+    operator, op_args = make_operator(op, size, seed=seed, model=path, **settings)
+    if "adjoint" in inspect.signature(SAMPLERS[method]).parameters and \
+            not hasattr(operator, "adjoint"):
+        raise ValueError(f"{method} needs a linear operator with an adjoint; {op} has none")
+    operator = operator.to(device)  # images, measurements and latents in float32
+    generator = torch.Generator(device).manual_seed(seed)
+    if observed:
+        y_size = size // op_args["factor"] if op == "sr" else size
+        x_ref, y = None, read_image(image, y_size, crop).to(device)
+    else:
+        x_ref = read_image(image, size, crop).to(device)
+        y = operator.measure(x_ref, sigma_y, generator)
+    if isinstance(model, Pipeline):
+        sd = model
+    else:
+        sd = load_sd2(model, prediction, device, getattr(torch, dtype))
+        set_checkpointing(sd.unet, sd.vae, checkpointing)
+    context = encode_prompt(sd, prompt)
+    if cse:
+        net, info = controlnet.load_cse(cse, op, size, device, context.dtype)
+        denoiser = CSEDenoiser(sd.unet, net, context, sd.abar, operator.hint(y), sd.prediction)
+        cse_record = dict(path=os.path.abspath(cse), step=info.get("step"), images=info.get("n"))
+    else:
+        denoiser, cse_record = SDDenoiser(sd.unet, context, sd.abar, sd.prediction), None
+    loaded = time.perf_counter()
+    z0 = posterior_sample(sd, denoiser, operator, y, method=method, size=size, steps=steps,
+                          sampler_kwargs=kwargs, generator=generator)
+    with torch.no_grad():
+        restored = to_uint8(sd.decode(z0))
+    sampled = time.perf_counter()
+    record = dict(image=os.path.abspath(image), observed=observed, method=method, op=op,
+                  operator=op_args, sampler=dict(kwargs, steps=steps),
+                  sigma_y=None if observed else sigma_y, seed=seed, crop=crop, prompt=prompt,
+                  model=os.path.abspath(path), zeta_from=zeta_from, prediction=sd.prediction,
+                  device=str(device), dtype=str(context.dtype).removeprefix("torch."),
+                  checkpointing=checkpointing, cse=cse_record,
+                  seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
+                               total=round(time.perf_counter() - start, 1)))
+    reference = None if x_ref is None else to_uint8(x_ref)
+    if reference is not None:
+        record["psnr"] = round(metrics.psnr(restored, reference), 3)
+    hint = operator.hint(y) if y.shape[-1] != size else y
+    return dict(restored=restored, measurement=to_uint8(y), hint=to_uint8(hint),
+                reference=reference, record=record)
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) The command line: python dmap.py IMAGE [flags]; each flag is restore's keyword
+# ---------------------------------------------------------------------------------------------
+
+# The settings that name the outputs when they differ from their defaults, in this order.
+IN_NAME = ("size", "steps", "zeta", "dmap_setting", "eta", "K", "gamma", "repeats", "window",
+           "at", "iters", "lr", "sigma_y", "sr_factor", "blur_std", "seed", "dtype")
+
+
 def add_operator_flags(p: argparse.ArgumentParser) -> None:
     """The operator flags (OPERATOR_FLAGS), shared by dmap.py, cse.py train and eval.py."""
     p.add_argument("--sr-factor", type=int, help="SR downscaling factor (default: 8)")
@@ -635,40 +903,23 @@ def add_operator_flags(p: argparse.ArgumentParser) -> None:
                    "(default: weights/GOPRO_wVAE.safetensors; README.md says how to convert)")
 
 
-def check_operator_flags(args) -> None:
-    """ValueError for an operator flag given with another --op."""
-    for name, (op, _, _) in OPERATOR_FLAGS.items():
-        if getattr(args, name, None) is not None and args.op != op:
-            raise ValueError(f"--{name.replace('_', '-')} applies to --op {op} only")
-
-
-def parse_args(argv=None):
+def command_line() -> argparse.ArgumentParser:
     def default(method, name):  # a sampler's own default, for the help text
         value = inspect.signature(SAMPLERS[method]).parameters[name].default
         return " ".join(map(str, value)) if isinstance(value, tuple) else value
 
-    p = cli.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("image", help="the reference image (or, with --observed, the measurement y)")
     p.add_argument("--method", default="dmap", choices=list(SAMPLERS),
                    help="posterior sampler (default: %(default)s)")
     p.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
                    help="degradation operator A (default: %(default)s)")
-    p.add_argument("--model", default=os.environ.get("SD2_MODEL",
-                                                     "./weights/stable-diffusion-2-base"),
-                   help="SD 2.0 pipeline folder or single .safetensors file (default: $SD2_MODEL "
-                   "or %(default)s)")
-    p.add_argument("--prediction", choices=["eps", "v"],
-                   help="eps (512-base) or v (768-v); needed for a single-file 768-v checkpoint "
-                   "(default: the folder's scheduler config, eps for a single file)")
     p.add_argument("--out", default="./results", help="output folder (default: %(default)s)")
     p.add_argument("--name", help="stem of the output files (default: image_method_op, then "
                    "every setting that differs from its default, e.g. astronaut_dps_sr_zeta2)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--observed", action="store_true",
                    help="the image is the measurement y (a real low-res or blurry photo)")
-    p.add_argument("--size", type=int, help="restored image size in pixels, a multiple of 8 "
-                   f"(default: 512, or the model's {MODEL_DEFAULTS})")
     p.add_argument("--no-crop", action="store_true", help="resize without centre-cropping")
     p.add_argument("--steps", type=int, help="sampling steps (default: 500; DMAP: "
                    "--dmap-setting's, 500 full or 250 same)")
@@ -701,107 +952,28 @@ def parse_args(argv=None):
                    "becomes the UNet with its residuals; with --method ddpm, the CSE alone "
                    "(default: none)")
     p.add_argument("--prompt", default="", help="text prompt (default: none, as the paper)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="network dtype; latents, sigmas and the guidance step stay float32 "
-                   "(default: %(default)s, as the official code)")
+    cli.add_model_flags(p, size=None, device=DEVICE, size_help="restored image size in pixels, a "
+                        f"multiple of 8 (default: 512, or the model's {MODEL_DEFAULTS})")
     p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="recompute activations in the backward pass: the VAE decoder's (vae) "
                    "or also the UNet's (all); less memory, more time (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.size is None:
-        args.size = model_defaults(args.model).get("size", 512) if os.path.isdir(args.model) \
-            else 512
-    return args
+    return p
 
 
-def settings(args) -> tuple[int, dict]:
-    """The steps and the sampler's keyword arguments from the flags and the defaults;
-    ValueError on nonsense and on flags that do not apply to the method or operator."""
-    fn = SAMPLERS[args.method]
-    params = inspect.signature(fn).parameters
-    for name in ("zeta",) + KNOBS:
-        if getattr(args, name) is not None and name not in params:
-            raise ValueError(f"--{name} does not apply to --method {args.method}")
-    check_operator_flags(args)
-    if args.dmap_setting is not None and fn is not dmap:
-        raise ValueError(f"--dmap-setting does not apply to --method {args.method}")
-    if args.observed and args.sigma_y:
-        raise ValueError("--sigma-y synthesises noise; with --observed, y is read as it is")
-    budget = DMAP_SETTINGS[args.dmap_setting or "full"]
-    model = model_defaults(args.model) if os.path.isdir(args.model) else {}
-    full = model.get("steps", 500)  # DMAP (same): the same fraction of the model's steps
-    steps = args.steps if args.steps is not None else \
-        max(1, full * budget["steps"] // 500) if fn is dmap else full
-    kwargs = {"eta": args.eta}
-    if "zeta" in params and args.zeta is not None:
-        kwargs["zeta"] = args.zeta
-    elif "zeta" in params and model:
-        name = "dmap-same" if fn is dmap and args.dmap_setting == "same" else args.method
-        table = model.get("zeta", {}).get(args.op, {})
-        if name not in table:
-            raise ValueError(f"{args.model}/{MODEL_DEFAULTS} has no zeta for {name} on "
-                             f"{args.op} (it has {', '.join(model.get('zeta', {})) or 'none'}); "
-                             "pass --zeta")
-        kwargs["zeta"] = table[name]
-    elif "zeta" in params:
-        zeta = ZETA[args.method][0 if args.op == "sr" else 1]
-        kwargs["zeta"] = zeta * budget["zeta_scale"] if fn is dmap else zeta
-    if fn is dmap:
-        kwargs["K"] = budget["K"]
-    for name in KNOBS:
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    fractions = kwargs.get("window", ()) + kwargs.get("at", ())
-    checks = [(steps >= 1, f"--steps must be >= 1, got {steps}"),
-              (kwargs.get("zeta", 0) >= 0, f"--zeta must be >= 0, got {kwargs.get('zeta')}"),
-              (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
-              (kwargs.get("K", 1) >= 1, f"--K must be >= 1, got {kwargs.get('K')}"),
-              (args.sigma_y >= 0, f"--sigma-y must be >= 0, got {args.sigma_y}"),
-              (args.size >= 8 and args.size % 8 == 0, f"--size must be a multiple of 8, got "
-               f"{args.size}"),
-              (all(v >= 0 for k, v in kwargs.items() if k in ("gamma", "iters", "lr")),
-               "--gamma, --iters and --lr must be >= 0"),
-              (kwargs.get("repeats", 1) >= 1, f"--repeats must be >= 1, got {args.repeats}"),
-              (all(0 <= f <= 1 for f in fractions), "--window and --at are loop fractions in "
-               f"[0, 1], got {list(fractions)}")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    return steps, kwargs
+def parse_args(argv=None) -> argparse.Namespace:
+    return command_line().parse_args(argv)
 
 
-def build_operator(args) -> tuple[operators.Operator, dict]:
-    """The operator with the arguments that apply to it (its size, the flags of OPERATOR_FLAGS,
-    the seed of a random one), and those arguments for the record."""
-    cls = operators.OPERATORS[args.op]
-    op_args = {"size": args.size}
-    model = model_defaults(args.model) if os.path.isdir(args.model) else {}
-    for name, (op, keyword, default) in OPERATOR_FLAGS.items():
-        if args.op == op:
-            value = getattr(args, name)
-            default = model.get("operators", {}).get(op, {}).get(keyword, default)
-            op_args[keyword] = default if value is None else value
-    if "seed" in inspect.signature(cls).parameters:
-        op_args["seed"] = args.seed
-    op = cls(**op_args)
-    if "weights" in op_args:
-        op_args["weights"] = os.path.abspath(op_args["weights"])
-    return op, op_args
-
-
-def output_paths(args) -> dict:
+def output_paths(args, parser: argparse.ArgumentParser) -> dict:
     """The four outputs, named by --name or by the image, method, operator and every setting
     that differs from its default, so a sweep over one flag needs no new --out per run."""
     stem = args.name
     if stem is None:
-        defaults = vars(parse_args([args.image, "--model", args.model]))
         tags = []
-        for key, value in vars(args).items():
-            if key in NOT_IN_NAME or value is None or value == defaults[key]:
+        for key in IN_NAME:
+            value = getattr(args, key)
+            default = default_size(args.model) if key == "size" else parser.get_default(key)
+            if value is None or value == default:
                 continue
             if isinstance(value, str):
                 tags.append(value)
@@ -816,13 +988,13 @@ def output_paths(args) -> dict:
              ("record", ".json"))}
 
 
-def check_outputs(args, paths: dict) -> None:
-    """Refuse to overwrite without --force, and check that --out can be created and written,
-    before anything slow runs; the folder itself is made only when the outputs are written."""
+def check_outputs(paths: dict, force: bool) -> None:
+    """Refuse to overwrite without --force, and check that the folder can be created and
+    written, before anything slow runs; it is made only when the outputs are written."""
     existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing and not args.force:
+    if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite, or --name or --out")
-    parent = os.path.abspath(args.out)
+    parent = os.path.abspath(os.path.dirname(paths["record"]))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     try:
@@ -832,60 +1004,18 @@ def check_outputs(args, paths: dict) -> None:
                          "--out") from None
 
 
-def load_denoiser(args, sd: Pipeline, op, y, device, dtype) -> tuple:
-    """(denoiser, CSE record): SD 2.0's own, or with --cse the CSE for the hint op.hint(y)."""
-    context = encode_prompt(sd, args.prompt)
-    if not args.cse:
-        return SDDenoiser(sd.unet, context, sd.abar, sd.prediction), None
-    import cse  # here, not at the top: cse.py builds on this module
-
-    controlnet, info = cse.load_cse(args.cse, args.op, args.size, device, dtype)
-    denoiser = cse.CSEDenoiser(sd.unet, controlnet, context, sd.abar, op.hint(y), sd.prediction)
-    return denoiser, dict(path=os.path.abspath(args.cse), step=info.get("step"),
-                          images=info.get("n"))
-
-
-def sample(args, sd: Pipeline, denoiser, op, y, steps: int, kwargs: dict,
-           generator) -> torch.Tensor:
-    """The sampler on SD 2.0 latents, from seeded noise, with a progress bar; -> z0, one latent
-    per measurement in the batch y (the samplers treat batch elements independently)."""
-
-    def A(z):  # the measurement operator on latents
-        return op(sd.decode(z))
-
-    parts = model_parts(args.method, H=op, adjoint=getattr(op, "adjoint", None),
-                        decode=sd.decode, encode=sd.encode)
-    sigmas = sd_sigmas(steps, sd.abar)
-    latent = (len(y), *sd.latent(args.size))
-    noise = noise_like(torch.empty(latent, device=y.device, dtype=y.dtype), generator)
-    bar = tqdm(total=steps, desc=f"{args.method} {args.op}", unit="step", leave=None)
-
-    def callback(d):
-        if not torch.isfinite(d["x"]).all():
-            raise FloatingPointError(f"NaN or inf at step {d['i']} (sigma {d['sigma']:.3g}); "
-                                     "try a smaller --zeta")
-        if d["loss"] is not None:
-            bar.set_postfix(loss=f"{d['loss'].max().item():.4g}")
-        bar.update(1)
-
-    try:
-        return SAMPLERS[args.method](denoiser, sigmas[0].item() * noise, y, A, sigmas,
-                                     generator=generator, callback=callback, **parts, **kwargs)
-    except FloatingPointError as e:
-        raise ValueError(str(e)) from None
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"at step {bar.n + 1} of {steps}; nothing written") from None
-    finally:
-        bar.close()
-
-
-def save(paths: dict, record: dict, images: dict) -> None:
-    """The restored image, the measurement, a labelled panel and the JSON record, each written
-    atomically (a crash or Ctrl-C never leaves half a file); when one cannot be written (a full
-    disk), those already written are removed again, so a rerun finds none of them."""
-    panel = plot.image_grid([list(images["panel"].values())], [list(images["panel"])])
-    writers = {"restored": Image.fromarray(images["restored"]).save,
-               "measurement": Image.fromarray(images["measurement"]).save,
+def save(paths: dict, result: dict) -> None:
+    """restore's result as four files: the restored image, the measurement, a labelled panel
+    and the JSON record (which lists them), each written atomically (a crash or Ctrl-C never
+    leaves half a file); when one cannot be written (a full disk), those already written are
+    removed again, so a rerun finds none of them."""
+    panel = {"measurement": result["hint"], "restored": result["restored"]}
+    if result["reference"] is not None:
+        panel["reference"] = result["reference"]
+    record = dict(result["record"], outputs=[os.path.basename(p) for p in paths.values()])
+    panel = plot.image_grid([list(panel.values())], [list(panel)])
+    writers = {"restored": Image.fromarray(result["restored"]).save,
+               "measurement": Image.fromarray(result["measurement"]).save,
                "panel": panel.save,
                "record": lambda tmp: cli.write_text(tmp, json.dumps(record, indent=2))}
     written, key = [], "restored"
@@ -903,68 +1033,27 @@ def save(paths: dict, record: dict, images: dict) -> None:
                          "space (or choose another --out) and rerun") from None
 
 
-def restore(args) -> tuple[dict, dict]:
-    """Check everything cheap, load SD 2.0, synthesise (or read) y, sample, write the outputs;
-    returns the record and the paths written."""
-    start = time.perf_counter()
-    steps, kwargs = settings(args)
-    device, dtype = usable_device(args.device), getattr(torch, args.dtype)
-    op, op_args = build_operator(args)
-    if "adjoint" in inspect.signature(SAMPLERS[args.method]).parameters and \
-            not hasattr(op, "adjoint"):
-        raise ValueError(f"{args.method} needs a linear operator with an adjoint; {args.op} "
-                         "has none")
-    op = op.to(device)  # images, measurements and latents in float32; networks in dtype
-    generator = torch.Generator(device).manual_seed(args.seed)
-    if args.observed:
-        y_size = args.size // op_args["factor"] if args.op == "sr" else args.size
-        x_ref, y = None, read_image(args.image, y_size, not args.no_crop).to(device)
-    else:
-        x_ref = read_image(args.image, args.size, not args.no_crop).to(device)
-        y = op.measure(x_ref, args.sigma_y, generator)
-    paths = output_paths(args)
-    check_outputs(args, paths)
-
-    sd = load_sd2(args.model, args.prediction, device, dtype)
-    set_checkpointing(sd.unet, sd.vae, args.checkpointing)
-    denoiser, cse_record = load_denoiser(args, sd, op, y, device, dtype)
-    loaded = time.perf_counter()
-    z0 = sample(args, sd, denoiser, op, y, steps, kwargs, generator)
-    with torch.no_grad():
-        restored = to_uint8(sd.decode(z0))
-    sampled = time.perf_counter()
-    y_image = to_uint8(op.hint(y) if y.shape[-1] != args.size else y)
-    panel = {"measurement": y_image, "restored": restored}
-    if x_ref is not None:
-        panel["reference"] = to_uint8(x_ref)
-    zeta_from = None if "zeta" not in kwargs else "--zeta" if args.zeta is not None else \
-        os.path.join(os.path.abspath(args.model), MODEL_DEFAULTS) if \
-        model_defaults(args.model) else "dmap.ZETA (the official log)"
-    record = dict(image=os.path.abspath(args.image), observed=args.observed, method=args.method,
-                  op=args.op, operator=op_args, sampler=dict(kwargs, steps=steps),
-                  sigma_y=None if args.observed else args.sigma_y, seed=args.seed,
-                  crop=not args.no_crop, prompt=args.prompt, model=os.path.abspath(args.model),
-                  zeta_from=zeta_from,
-                  prediction=sd.prediction, device=args.device, dtype=args.dtype,
-                  checkpointing=args.checkpointing,
-                  cse=cse_record,
-                  seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
-                               total=round(time.perf_counter() - start, 1)),
-                  outputs=[os.path.basename(p) for p in paths.values()])
-    if x_ref is not None:
-        record["psnr"] = round(metrics.psnr(restored, panel["reference"]), 3)
-    save(paths, record, dict(restored=restored, measurement=to_uint8(y), panel=panel))
-    return record, paths
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = command_line()
+    args = parser.parse_args(argv)
 
     def body():
-        record, _ = restore(args)
+        paths = output_paths(args, parser)
+        check_outputs(paths, args.force)
+        knobs = {k: getattr(args, k) for k in KNOBS + tuple(OPERATOR_FLAGS)}
+        result = restore(args.image, model=args.model, method=args.method, op=args.op,
+                         size=args.size, steps=args.steps, zeta=args.zeta,
+                         dmap_setting=args.dmap_setting, eta=args.eta, sigma_y=args.sigma_y,
+                         cse=args.cse, prompt=args.prompt, seed=args.seed,
+                         observed=args.observed, crop=not args.no_crop,
+                         prediction=args.prediction, device=args.device, dtype=args.dtype,
+                         checkpointing=args.checkpointing, **knobs)
+        save(paths, result)
+        record = result["record"]
         quality = f"PSNR {record['psnr']} dB, " if "psnr" in record else ""
-        return (f"wrote {', '.join(record['outputs'])} to {args.out}: {quality}"
-                f"{record['seconds']['total']} s in all (sampling {record['seconds']['sample']} s)")
+        return (f"wrote {', '.join(os.path.basename(p) for p in paths.values())} to {args.out}: "
+                f"{quality}{record['seconds']['total']} s in all (sampling "
+                f"{record['seconds']['sample']} s)")
 
     return cli.run(body, interrupted="before sampling; nothing written")
 

@@ -11,13 +11,16 @@ closed forms and pytorch-fid's sqrtm form), and the sliced Wasserstein distance 
 sample sets; (4) the two networks of LPIPS and FID, written in plain torch with the layer
 names of the community weight files, so the very files that the `lpips` and `pytorch-fid`
 packages load give the very numbers they give (tests/test_metric_nets.py compares both, on
-random weights, with the packages themselves).
+random weights, with the packages themselves); (5) the conventions of the tables, the scorer
+of one image pair and the summaries over images that eval.py reports.
 """
 
+import math
 import os
 import urllib.error
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -371,3 +374,137 @@ class FIDInception(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         return x.mean((2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) The tables' conventions, and the scorer of one image pair (eval.py)
+# ---------------------------------------------------------------------------------------------
+
+METRICS = ("psnr", "ssim", "lpips", "fid", "kid", "sw")
+CONVENTIONS = {
+    "psnr": "PSNR (dB): the mean over images of per-image PSNR on 8-bit images scaled to [0, 1] "
+            "(the authors' fid.py; torchmetrics' default pools the error over images instead)",
+    "ssim": "SSIM: Gaussian window 11, std 1.5, on RGB (channels averaged), K1 0.01, K2 0.03 "
+            "(skimage: gaussian_weights, use_sample_covariance=False)",
+    "lpips": "LPIPS: AlexNet with the v0.1 linear layers, inputs in [-1, 1] (lpips 0.1.4, as the "
+             "authors)",
+    "fid": "FID: pytorch-fid's InceptionV3 (2015-12-05), 2048-d pool features of [0, 1] images "
+           "resized bilinearly to 299 without antialias; restored vs reference images",
+    "kid": "KID (x 1e3): unbiased MMD^2, kernel (x.y / 2048 + 1)^3, 100 subsets of "
+           "min({subset}, n) images (torch-fidelity's 100 x 1000; the authors' 100 x 10)",
+    "sw": "SW (x 1e2): sliced Wasserstein distance, the mean over 100 random directions of the "
+          "1-D W1 between restored and reference images as vectors of [0, 1] pixels, the images "
+          "box-filtered to at most 64 px a side first (no network, no download; ours)",
+}
+LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID x1e3",
+          "sw": "SW x1e2"}
+SW_SIDE = 64  # SW's images are box-filtered to at most this side: vectors of 3 x 64 x 64
+
+
+def sw_pixels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> the vector SW compares: [0, 1] pixels, box-filtered to at most
+    SW_SIDE a side (at 512 px, 786k-value vectors would make each random slice mostly pixel
+    noise, and 1000 of them take 3 GB)."""
+    side = max(1, math.ceil(max(image.shape[:2]) / SW_SIDE))
+    h, w = image.shape[0] // side * side, image.shape[1] // side * side
+    a = image[:h, :w].astype(np.float64) / 255
+    return a.reshape(h // side, side, w // side, side, 3).mean((1, 3)).ravel()
+
+
+def as_tensor(image: np.ndarray, device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 on [0, 1], as torchvision's ToTensor."""
+    return torch.tensor(image).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+class Scorer:
+    """The per-image metrics (PSNR, SSIM, LPIPS) and Inception features (for FID, KID) of the
+    metrics named; the networks load once, before any slow work, and only if asked for."""
+
+    def __init__(self, names, weights: str | None = None, device="cpu"):
+        unknown = set(names) - set(METRICS)
+        if unknown or not names:
+            raise ValueError(f"--metrics takes a comma list of {', '.join(METRICS)}; got "
+                             f"{','.join(names) or 'nothing'}")
+        self.names, self.device = list(names), device
+        try:
+            self.lpips = LPIPS.load(weights).to(device) if "lpips" in names else None
+            self.inception = FIDInception.load(weights).to(device) \
+                if {"fid", "kid"} & set(names) else None
+        except ValueError as e:  # a weight file missing or unreadable: the metrics without one
+            networks = [m for m in self.names if m in ("lpips", "fid", "kid")]
+            rest = [m for m in self.names if m not in networks] or ["psnr", "ssim"]
+            leave = " and ".join(filter(None, [", ".join(networks[:-1]), networks[-1]]))
+            raise ValueError(f"{e}, or leave {leave} out: --metrics {','.join(rest)}") from None
+
+    @torch.no_grad()
+    def pair(self, ref: np.ndarray, pred: np.ndarray) -> dict:
+        out = {}
+        if "psnr" in self.names:
+            out["psnr"] = psnr(ref, pred)
+        if "ssim" in self.names:
+            out["ssim"] = ssim(ref, pred)
+        if self.lpips is not None:
+            a, b = (2 * as_tensor(v, self.device) - 1 for v in (ref, pred))
+            out["lpips"] = self.lpips(a, b).item()
+        return out
+
+    @torch.no_grad()
+    def features(self, image: np.ndarray) -> np.ndarray | None:
+        if self.inception is None:
+            return None
+        return self.inception(as_tensor(image, self.device))[0].double().cpu().numpy()
+
+
+def mean_interval(values) -> dict:
+    """The mean and the half-width of its 95% interval (Student t, n - 1 degrees of freedom;
+    None for one value, or with an infinite PSNR of identical images)."""
+    v = np.asarray(values, np.float64)
+    half = float(scipy.stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) \
+        if len(v) > 1 and np.isfinite(v).all() else None
+    return dict(mean=float(v.mean()), ci95=half, n=len(v))
+
+
+def summarize(per_image: list[dict], names, kid_subset, features=(None, None),
+              pixels=(None, None)) -> dict:
+    """Each metric over a set of pairs: means with intervals (the per-image ones and, in a run,
+    the measurement fit y_rmse); FID and KID from the Inception features (ref, pred), SW from
+    the sw_pixels vectors (ref, pred)."""
+    out = {m: mean_interval([r[m] for r in per_image]) for m in ("psnr", "ssim", "lpips",
+                                                                 "y_rmse")
+           if m in names or (m == "y_rmse" and m in per_image[0])}
+    ref_features, pred_features = features
+    if "sw" in names and pixels[0] is not None:
+        a, b = (torch.from_numpy(np.stack(v)) for v in pixels)
+        out["sw"] = dict(value=sliced_wasserstein(
+            a, b, generator=torch.Generator().manual_seed(0)), n=len(a))
+    if ref_features is not None and len(ref_features) >= 2:
+        a, b = np.stack(ref_features), np.stack(pred_features)
+        if "fid" in names:
+            out["fid"] = dict(value=frechet_distance(
+                a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)),
+                n=len(a))
+        if "kid" in names:
+            mean, std = kid(a, b, subset_size=kid_subset)
+            out["kid"] = dict(mean=mean, std=std, n=len(a), subset=min(kid_subset, len(a)))
+    return out
+
+
+def cell(summary: dict, metric: str) -> str:
+    """One table entry: mean +- 95% half-width, FID's value, KID x 1e3 +- its std."""
+    s = summary.get(metric)
+    if s is None:
+        return "n/a"
+    if metric == "fid":
+        return f"{s['value']:.2f}"
+    if metric == "sw":
+        return f"{1e2 * s['value']:.3f}"
+    if metric == "kid":
+        return f"{1e3 * s['mean']:.2f} ± {1e3 * s['std']:.2f}"
+    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "y_rmse": 4}[metric]
+    ci = "" if s["ci95"] is None else f" ± {s['ci95']:.{digits}f}"
+    return f"{s['mean']:.{digits}f}{ci}"
+
+
+def convention_lines(names, kid_subset) -> list[str]:
+    return [f"- {CONVENTIONS[m].format(subset=kid_subset)}" for m in names] + \
+        ["- ± is the half-width of the 95% interval of the mean over images (Student t)"]

@@ -32,7 +32,6 @@ import cli  # first: Ctrl-C while torch imports is one line (cli.py)
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
@@ -50,6 +49,7 @@ import cse
 import dmap
 import eval as evaluation
 import metrics
+import observations
 import plot
 from checkpoint import read_config
 from unet import UNet, UNetConfig
@@ -90,8 +90,8 @@ class Settings:
     cse_images: tuple[int, ...] = (25, 100, 1000)  # SR; the other operators: 100
     # operators at 32 px: SR x4 (8 x 8 measurements), Gaussian blur of std 1 px (a 3 px blur
     # at 512 seen through the crops' 2.4 - 6.4x downscaling), the centre box of a quarter side
-    ops: dict = field(default_factory=lambda: {"sr": ["--sr-factor", "4"],
-                                               "blur": ["--blur-std", "1.0"], "inpaint": []})
+    ops: dict = field(default_factory=lambda: {"sr": {"sr_factor": 4}, "blur": {"blur_std": 1.0},
+                                               "inpaint": {}})
     steps: int = 25  # sampling steps (DMAP same: half); 500 in the paper
     batch: int = 100  # images restored at once
     # the zeta sweep: the values tried per method (the guidance rate for dsg), found by hand to
@@ -201,20 +201,20 @@ def held_out_loss(model: str, images: list[str], s: Settings) -> float:
                                 contextlib.nullcontext).mean().item()
 
 
-def train(what: str, model: str, images: str, out: str, s: Settings, *extra) -> str:
-    """cse.py train (resumed where it stopped): the prior (`what` unet, every training crop) or
-    a CSE (`what` controlnet; extra: --op, its flags, --n). Returns the last checkpoint."""
+def train(what: str, model: str, images: str, out: str, s: Settings, **settings) -> str:
+    """cse.train (resumed where it stopped): the prior (`what` unet, every training crop) or
+    a CSE (`what` controlnet; settings: op, n and the operator's). Returns the last
+    checkpoint."""
     unet_run = what == "unet"
-    argv = ["train", "--train", what, "--model", model, "--images", images, "--out", out,
-            "--size", str(s.size), "--seed", str(s.seed), "--device", "cpu", "--resume",
-            "--steps", str(s.prior_steps if unet_run else s.cse_steps),
-            "--batch", str(s.prior_batch if unet_run else s.cse_batch),
-            "--micro-batch", str(s.prior_batch if unet_run else s.cse_batch),
-            "--lr", str(s.prior_lr if unet_run else s.cse_lr), "--lr-schedule", "cosine",
-            "--checkpoint-every", "100", "--validate-every", "0", *extra]
     if unet_run:
-        argv += ["--n", str(s.train_crops)]
-    return cse.train(cse.parse_args(argv))
+        settings["n"] = s.train_crops
+    return cse.train(train=what, model=model, images=images, out=out, size=s.size, seed=s.seed,
+                     device="cpu", resume=True,
+                     steps=s.prior_steps if unet_run else s.cse_steps,
+                     batch=s.prior_batch if unet_run else s.cse_batch,
+                     micro_batch=s.prior_batch if unet_run else s.cse_batch,
+                     lr=s.prior_lr if unet_run else s.cse_lr, lr_schedule="cosine",
+                     checkpoint_every=100, validate_every=0, **settings)
 
 
 def train_prior(out: str, s: Settings) -> dict:
@@ -245,8 +245,8 @@ def train_cses(out: str, s: Settings, prior: str) -> dict:
     for op, n in cse_runs(s):
         print(f"CSE for {op} on {n} training crops", file=sys.stderr)
         done[f"{op}-{n}"] = train("controlnet", prior, os.path.join(out, "data", "train"),
-                                  os.path.join(out, "cse", f"{op}-{n}"), s, "--op", op,
-                                  *s.ops[op], "--n", str(n))
+                                  os.path.join(out, "cse", f"{op}-{n}"), s, op=op, n=n,
+                                  **s.ops[op])
     return done
 
 
@@ -256,22 +256,17 @@ def train_cses(out: str, s: Settings, prior: str) -> dict:
 
 
 def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: dict,
-            cses: dict | None = None, metric_flags=("--metrics", "psnr"), quiet=False) -> dict:
-    """eval.py run (resumed where it stopped) -> its table.json's table (quiet: without
-    printing it)."""
-    flags = [flag for op in ops for flag in s.ops[op]]
-    argv = ["run", "--images", images, "--out", out, "--op", ",".join(ops), "--methods",
-            ",".join(methods), "--model", prior, "--size", str(s.size), "--steps", str(s.steps),
-            "--batch", str(s.batch), "--seed", str(s.seed), "--device", "cpu", "--grid", "6",
-            *metric_flags, *flags]
-    if zeta:
-        argv += ["--zeta", ",".join(f"{k}={v:g}" for k, v in zeta.items())]
-    if cses:
-        argv += ["--cse", ",".join(f"{op}={path}" for op, path in cses.items())]
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        evaluation.run(evaluation.parse_args(argv))  # it prints its table
-    with open(os.path.join(out, "table.json")) as f:
-        return json.load(f)["table"]
+            cses: dict | None = None, scoring: dict | None = None, quiet=False) -> dict:
+    """eval.run (resumed where it stopped) -> its table (quiet: without printing it); scoring:
+    its metrics and metric_weights (default: PSNR only)."""
+    operator = {k: v for op in ops for k, v in s.ops[op].items()}
+    result = evaluation.run(images, out, ops=tuple(ops), methods=tuple(methods), model=prior,
+                            size=s.size, steps=s.steps, batch=s.batch, seed=s.seed,
+                            device="cpu", grid=6, zeta=zeta or {}, cse=cses or {},
+                            operator=operator, **(scoring or dict(metrics=("psnr",))))
+    if not quiet:
+        print(result["markdown"])
+    return result["table"]
 
 
 def tune(out: str, s: Settings, prior: str) -> dict:
@@ -291,33 +286,33 @@ def tune(out: str, s: Settings, prior: str) -> dict:
     return dict(zeta=zeta, sweep=sweep)
 
 
-def table_metrics(folder: str | None, size: int) -> list[str]:
-    """eval.py run's metric flags for the tables: PSNR, SSIM and SW, and LPIPS (from 31 px),
-    FID and KID when the three community weight files are in `folder` (--metric-weights: all
-    must be there) or in torch.hub's checkpoints folder; nothing is downloaded."""
-    lpips = ",lpips" if size >= metrics.LPIPS.MIN_SIZE else ""
-    names = ["--metrics", f"psnr,ssim,sw{lpips},fid,kid"]
+def table_metrics(folder: str | None, size: int) -> dict:
+    """eval.run's metrics for the tables: PSNR, SSIM and SW, and LPIPS (from 31 px), FID and KID
+    when the three community weight files are in `folder` (all must be there) or in torch.hub's
+    checkpoints folder; nothing is downloaded. -> {metrics, metric_weights}."""
+    names = ("psnr", "ssim", "sw") + (("lpips",) if size >= metrics.LPIPS.MIN_SIZE else ()) + \
+        ("fid", "kid")
     if folder:
         missing = [n for n in metrics.WEIGHTS if not os.path.isfile(os.path.join(folder, n))]
         if missing:
             raise ValueError(f"--metric-weights {folder}: no {missing[0]} there; it needs all "
                              f"of {', '.join(metrics.WEIGHTS)}")
-        return names + ["--metric-weights", folder]
+        return dict(metrics=names, metric_weights=folder)
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if all(os.path.isfile(os.path.join(hub, n)) for n in metrics.WEIGHTS):
-        return names
-    return ["--metrics", "psnr,ssim,sw"]
+        return dict(metrics=names)
+    return dict(metrics=("psnr", "ssim", "sw"))
 
 
-def evaluate(out: str, s: Settings, prior: str, cses: dict, zeta: dict, metric_flags) -> dict:
+def evaluate(out: str, s: Settings, prior: str, cses: dict, zeta: dict, scoring: dict) -> dict:
     """Every method and operator on the test crops, with the tuned zetas and the 100-crop CSEs."""
     n = s.cse_images[1]
     return restore(os.path.join(out, "data", "test"), os.path.join(out, "eval"), s, prior,
                    list(s.ops), METHODS, zeta, {op: cses[f"{op}-{n}"] for op in s.ops},
-                   metric_flags)
+                   scoring)
 
 
-def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, metric_flags) -> dict:
+def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, scoring: dict) -> dict:
     """SR by the CSE methods with the CSEs of the other training-set sizes (the 100-crop one is
     in the eval stage's table); {crops: {method: summary}}."""
     rows = {}
@@ -326,7 +321,7 @@ def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, metric_fla
             continue
         table = restore(os.path.join(out, "data", "test"), os.path.join(out, "table6", str(n)),
                         s, prior, ["sr"], ("cse", "dps+cse", "dmap+cse"), zeta,
-                        {"sr": cses[f"sr-{n}"]}, metric_flags)
+                        {"sr": cses[f"sr-{n}"]}, scoring)
         rows[str(n)] = {key.split("/")[1]: v for key, v in table.items()}
     return rows
 
@@ -338,14 +333,11 @@ def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
     folder = os.path.join(out, "observe")
     image = os.path.abspath(os.path.join(out, "data", "test", first))  # as eval.py's table.md:
     reference = os.path.abspath(cses[f"sr-{s.cse_images[1]}"])  # report.md makes them relative
-    evaluation.observe(evaluation.parse_args([
-        "observe", "--image", image, "--op", "sr", *s.ops["sr"], "--cse", reference, "--model",
-        prior, "--size", str(s.size), "--steps", str(s.steps),
-        "--zeta", ",".join(f"{k}={v:g}" for k, v in given.items()),
-        "--trajectories", str(s.trajectories), "--k-mean", str(s.k_mean), "--k", str(s.k),
-        "--repeats", str(s.repeats),
-        "--batch", str(max(s.k, s.trajectories)), "--seed", str(s.seed), "--device", "cpu",
-        "--out", folder]))
+    observations.observe(image, folder, cse=reference, model=prior, op="sr", size=s.size,
+                         steps=s.steps, zeta=given, trajectories=s.trajectories,
+                         k_mean=s.k_mean, k=s.k, repeats=s.repeats,
+                         batch=max(s.k, s.trajectories), seed=s.seed, device="cpu",
+                         **s.ops["sr"])
     done = {}
     for name in ("observation_1", "observation_2"):
         with open(os.path.join(folder, name + ".json")) as f:
@@ -386,7 +378,7 @@ def paired(out: str, s: Settings) -> dict:
     for op in s.ops:
         for a, b in CLAIMS:
             d = psnr(op, a) - psnr(op, b)
-            result[f"{op}/{a}-{b}"] = dict(evaluation.mean_interval(d), wins=int((d > 0).sum()))
+            result[f"{op}/{a}-{b}"] = dict(metrics.mean_interval(d), wins=int((d > 0).sum()))
     return result
 
 
@@ -432,7 +424,7 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
     lines = [f"**{QUICK_NOTE}**", ""] if s == QUICK else []
     lines += ["# The paper's experiment in miniature (mini.py)", "",
              f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-             f"code {evaluation.code_version()}", "",
+             f"code {cli.code_version()}", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
     lines += [f"| all | {sum(seconds.values()):.0f} |", "",
@@ -474,7 +466,7 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
     for crops in sorted(by_size, key=int):
         for m, summary in by_size[crops].items():
             lines.append(f"| {crops} | {m} | " + " | ".join(
-                evaluation.cell(summary, k) for k in ("psnr", "ssim", "sw", "y_rmse")) + " |")
+                metrics.cell(summary, k) for k in ("psnr", "ssim", "sw", "y_rmse")) + " |")
     lines += ["", included(os.path.join("observe", "observations.md")), "## Figures", ""]
     observed = sorted(f for f in os.listdir(os.path.join(out, "observe")) if f.endswith(".png"))
     lines += [f"![{path}]({path})" for path in ("prior_loss.png", "prior_samples.png",
@@ -515,11 +507,8 @@ def export_prior(out: str, r: dict, folder: str, s: Settings) -> str:
     state = safetensors.torch.load_file(os.path.join(model, "unet", weights))
     safetensors.torch.save_file({k: v.half() for k, v in state.items()},
                                 os.path.join(tmp, "unet", weights), metadata={"format": "pt"})
-    operators = {}
-    for op, flags in s.ops.items():  # ["--sr-factor", "4"] -> {"factor": 4}
-        for flag, value in zip(flags[::2], flags[1::2], strict=True):
-            _, keyword, default = dmap.OPERATOR_FLAGS[flag[2:].replace("-", "_")]
-            operators.setdefault(op, {})[keyword] = type(default)(value)
+    operators = {op: {dmap.OPERATOR_FLAGS[k][1]: v for k, v in given.items()}  # {"factor": 4}
+                 for op, given in s.ops.items() if given}
     zeta = {}
     for key, value in r["tune"]["zeta"].items():  # "sr/dps" -> zeta["sr"]["dps"]
         op, method = key.split("/")
@@ -585,7 +574,7 @@ def prior_card(r: dict, s: Settings, operators: dict, zeta: dict) -> str:
 STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "observe")
 
 
-def stage(name: str, out: str, s: Settings, r: dict, metric_flags: list[str]):
+def stage(name: str, out: str, s: Settings, r: dict, scoring: dict):
     """Run one stage; its result (JSON-able, paths relative to out)."""
     prior = os.path.join(out, r["prior"]["model"]) if "prior" in r else None
     cses = {k: os.path.join(out, v) for k, v in r.get("cse", {}).items()}
@@ -600,9 +589,9 @@ def stage(name: str, out: str, s: Settings, r: dict, metric_flags: list[str]):
     if name == "tune":
         return tune(out, s, prior)
     if name == "eval":
-        return evaluate(out, s, prior, cses, zeta, metric_flags)
+        return evaluate(out, s, prior, cses, zeta, scoring)
     if name == "table6":
-        return table6(out, s, prior, cses, zeta, metric_flags)
+        return table6(out, s, prior, cses, zeta, scoring)
     return observe(out, s, prior, cses, zeta)
 
 
@@ -621,7 +610,7 @@ def rerun_continues(where: str):
 def run(args) -> str:
     s = QUICK if args.quick else Settings()
     out = args.out or ("results/mini-quick" if args.quick else "results/mini")
-    metric_flags = table_metrics(args.metric_weights, s.size)
+    scoring = table_metrics(args.metric_weights, s.size)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
     os.makedirs(out, exist_ok=True)
@@ -651,7 +640,7 @@ def run(args) -> str:
                 continue
             print(f"[{k + 1}/{len(stages)}] {name}", file=sys.stderr)
             t0 = time.perf_counter()
-            r[name] = stage(name, out, s, r, metric_flags)
+            r[name] = stage(name, out, s, r, scoring)
             cli.write_json(result, r[name])
             seconds[name] = round(time.perf_counter() - t0, 1)
             cli.write_json(timing, seconds)

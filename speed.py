@@ -1,12 +1,14 @@
 """The speed benchmark: seconds, memory and FLOP of one sampling step of each method on SD 2.0,
 against the bare network calls the step makes and against diffusers' models on the same weights.
 
-    python eval.py speed --random-weights --size 512 --methods dps,dmap-same,dmap --steps 3
+    python speed.py --random-weights --size 512 --methods dps,dmap-same,dmap --steps 3
 
-Random full-size weights cost exactly what the real ones cost, so nothing needs a download;
---model PATH times the weights you have. Reading order: (1) the machine: its name, flags and
-measured matmul rate; (2) the networks: ours, and diffusers' twins with the same weights;
-(3) counting and timing network calls; (4) one method's steps; (5) the table and the command.
+(`python eval.py speed ...` still runs it, for one release.) From Python: speed.benchmark(
+methods="dps,dmap", size=512, steps=3) -> the report dict. Random full-size weights cost exactly
+what the real ones cost, so nothing needs a download; --model PATH times the weights you have.
+Reading order: (1) the machine: its name, flags and measured matmul rate; (2) the networks:
+ours, and diffusers' twins with the same weights; (3) counting and timing network calls, and
+PeakMemory; (4) one method's steps; (5) the benchmark and its table; (6) the command.
 
 What is measured, per method and batch size B (README.md, "Speed"):
 - s/step: the median over --steps steps after one warm-up step. A step begins at the first
@@ -18,28 +20,30 @@ What is measured, per method and batch size B (README.md, "Speed"):
 - floor: the same calls timed bare (the networks alone, with the same autograd: a guided
   call is the denoiser and the decoder in one graph, one backward), summed; the sampler's
   overhead is s/step / floor - 1.
-- memory: the peak during the run above what was in use before it (the weights), eval.PeakMemory.
+- memory: the peak during the run above what was in use before it (the weights), PeakMemory.
 - diffusers: when it is importable, the bare calls through diffusers' UNet2DConditionModel and
   AutoencoderKL holding our weights, in the same run, as ratios ours / diffusers', and one DPS
   run built from them (its s/step and memory) as the reference row.
 """
 
-import cli
+import cli  # first: Ctrl-C while torch imports is one line (cli.py)
 
 import argparse
 import copy
+import ctypes
 import math
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dmap
-import eval as evaluation
 import unet as unet_model
 import vae as vae_model
 
@@ -101,14 +105,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def our_networks(args, device: torch.device, dtype: torch.dtype) -> dict:
-    """unet, vae, context (1, 77, C) and abar: the --model's, or full-size SD 2.0 networks with
-    seeded random weights (the same cost: the arithmetic does not look at the values)."""
-    if args.model:
-        sd = dmap.load_sd2(args.model, args.prediction, device, dtype)
+def our_networks(device: torch.device, dtype: torch.dtype, *, model: str | None = None,
+                 prediction: str | None = None, seed: int = 0) -> dict:
+    """unet, vae, context (1, 77, C) and abar: `model`'s (an SD 2.0 folder or single file;
+    `prediction` for a single file), or full-size SD 2.0 networks with random weights seeded by
+    `seed` (the same cost: the arithmetic does not look at the values)."""
+    if model:
+        sd = dmap.load_sd2(model, prediction, device, dtype)
         return dict(unet=sd.unet, vae=sd.vae, context=dmap.encode_prompt(sd, ""), abar=sd.abar,
                     prediction=sd.prediction, channels=sd.unet.cfg.in_channels)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     with torch.device(device):
         unet = unet_model.UNet(unet_model.SD2_UNET).to(dtype)
         vae = vae_model.VAE(vae_model.SD2_VAE).to(dtype, memory_format=torch.channels_last)
@@ -183,6 +189,52 @@ def encode_call(nets: dict):
 # ---------------------------------------------------------------------------------------------
 
 KINDS = ("denoiser", "decoder", "encoder")
+
+
+class PeakMemory:
+    """Peak memory in MB over a with-block (`mb`), and its rise over what was in use at the start
+    (`above`): torch.cuda.max_memory_allocated on a GPU; on the CPU the resident set size
+    (/proc/self/statm) polled every 20 ms by a thread (rarely enough not to slow the threads
+    doing the work; a network's peak lasts far longer), after glibc has handed freed pages back
+    (malloc_trim), so the start is what is in use (both None without /proc)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb, self.above, self.stop = device, None, None, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def poll(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            try:
+                ctypes.CDLL(None).malloc_trim(0)
+            except (OSError, AttributeError):  # not glibc: the start may include freed pages
+                pass
+            self.start = self.peak = self.rss()
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif hasattr(self, "thread"):
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self.rss())
+        if hasattr(self, "start"):
+            self.mb, self.above = self.peak / 2**20, (self.peak - self.start) / 2**20
 
 
 class Enough(Exception):
@@ -284,13 +336,12 @@ def call_flops(nets: dict, batch: int, size: int) -> dict:
 
 
 def method_settings(method: str, op: str, size: int):
-    """(sampler, steps per image, keyword arguments, operator) of an eval.py method name, from
-    dmap.py's own flags and defaults (zeta per method and operator, DMAP budgets)."""
-    sampler, budget = evaluation.METHODS[method]
-    argv = ["benchmark.png", "--method", sampler, "--op", op, "--size", str(size)]
-    args = dmap.parse_args(argv + (["--dmap-setting", budget] if budget else []))
-    steps, kwargs = dmap.settings(args)
-    return sampler, steps, kwargs, dmap.build_operator(args)[0]
+    """(sampler, steps per image, keyword arguments, operator) of a method name (dmap.METHODS)
+    with the paper's defaults (dmap.sampler_settings: zeta per method and operator, the DMAP
+    budget's K, zeta scale and steps; dmap.make_operator: SR x8, blur std 3, seed 0)."""
+    sampler, budget = dmap.METHODS[method]
+    steps, kwargs, _ = dmap.sampler_settings(sampler, op, dmap_setting=budget)
+    return sampler, steps, kwargs, dmap.make_operator(op, size)[0]
 
 
 def run_steps(nets: dict, method: str, op_name: str, x_ref, steps: int, batch: int) -> dict:
@@ -316,7 +367,7 @@ def run_steps(nets: dict, method: str, op_name: str, x_ref, steps: int, batch: i
         raise ValueError(f"{method} runs {per_image} steps; --steps must be below {per_image - 1}")
     latent = (batch, nets["channels"], x_ref.shape[-1] // 8, x_ref.shape[-1] // 8)
     x = sigmas[0].item() * dmap.noise_like(torch.empty(latent, device=device), generator)
-    with evaluation.PeakMemory(device) as memory:
+    with PeakMemory(device) as memory:
         try:
             dmap.SAMPLERS[sampler](denoiser, x, y, lambda z: op(decode(z)), sigmas,
                                    generator=generator, **parts, **kwargs)
@@ -348,7 +399,7 @@ def gradient_cosines(nets32: dict, nets: dict, x_ref, sigmas=(14.0, 1.0, 0.1)) -
     return cosines
 
 
-def profile(nets: dict, method: str, op: str, x_ref, top: int = 10) -> list[dict]:
+def step_profile(nets: dict, method: str, op: str, x_ref, top: int = 10) -> list[dict]:
     """Where a step's time goes: torch.profiler over a warm-up and one step of `method`, the
     `top` operators by their own (self) time, with their share and call count."""
     device = x_ref.device
@@ -365,7 +416,7 @@ def profile(nets: dict, method: str, op: str, x_ref, top: int = 10) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------
-# (5) The benchmark, its table and the command
+# (5) The benchmark and its table
 # ---------------------------------------------------------------------------------------------
 
 
@@ -378,59 +429,106 @@ def reference_image(path: str | None, size: int, device) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").to(device)
 
 
-def benchmark(args) -> dict:
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if "cse" in args.methods:
+OPS = ("sr", "blur", "inpaint")  # the operators a step is timed with (their own cost is small)
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_METHODS = ("dps", "dmap-same", "dmap")
+# the methods the benchmark times: the paper's names (dmap.METHODS) without the CSE, which is
+# not a sampler on SD 2.0 itself
+METHODS = tuple(m for m in dmap.METHODS if m != "cse")
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """A comma list (or a list) of method names as a list: each in METHODS, distinct, none with
+    a CSE."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [m.strip() for m in names if m.strip()]
+    if any("cse" in m for m in names):
         raise ValueError("the benchmark times the samplers on SD 2.0 itself; drop the CSE methods")
-    plain = argparse.Namespace(methods=args.methods, zeta=None, cse=None)
-    methods = evaluation.parse_methods(plain, ops=[])
-    report = dict(machine=machine(device), size=args.size, dtype=args.dtype, steps=args.steps,
-                  torch=torch.__version__, random_weights=args.model is None)
-    if device.type == "cpu" and dtype != torch.float32 and not report["machine"]["native_bf16"]:
+    for m in names:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m}; choose from {', '.join(METHODS)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--methods needs distinct names, got {methods!r}")
+    return names
+
+
+def benchmark(*, methods: str | Sequence[str] = DEFAULT_METHODS, size: int = 512, steps: int = 3,
+              batch: int | Sequence[int] = (1,), model: str | None = None,
+              prediction: str | None = None, dtype: str = "float32", device: str | None = None,
+              op: str = "sr", checkpointing: str | Sequence[str] = ("none",),
+              image: str | None = None, seed: int = 0, diffusers: bool = True,
+              profile: bool = False) -> dict:
+    """The benchmark (the module docstring says what is measured) -> the report: the machine,
+    FLOP per call, one row per checkpointing setting, batch size and method (in that order),
+    and, with `diffusers` (when it is importable), the comparison with diffusers' models;
+    `profile`: where the first method's step spends its time. methods: names of METHODS (a
+    comma list or a list); steps: measured steps per method, after one warm-up step; batch and
+    checkpointing (dmap.CHECKPOINTING): one value or several; model: an SD 2.0 folder or single
+    file (None: full-size networks with random weights seeded by `seed`); image: the measured
+    image (None: a smooth seeded pattern); device: None is cuda where there is one, else cpu.
+    ValueError on bad input, before anything slow runs."""
+    methods = parse_methods(methods)
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    settings = [checkpointing] if isinstance(checkpointing, str) else list(checkpointing)
+    if size < 8 or size % 8:
+        raise ValueError(f"--size must be a multiple of 8, got {size}")
+    if steps < 1 or not batches or min(batches) < 1:
+        raise ValueError(f"--steps and --batch must be >= 1, got {steps}, {batches}")
+    for name, value, choices in (("--op", [op], OPS), ("--dtype", [dtype], DTYPES),
+                                 ("--checkpointing", settings, dmap.CHECKPOINTING)):
+        if not value or any(v not in choices for v in value):
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value}")
+    device = dmap.usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype)
+    report = dict(machine=machine(device), size=size, dtype=dtype, steps=steps,
+                  torch=torch.__version__, random_weights=model is None)
+    if device.type == "cpu" and torch_dtype != torch.float32 and \
+            not report["machine"]["native_bf16"]:
         report["warning"] = (f"{report['machine']['name']} has no native bf16 (no avx512_bf16 "
                              "or amx in /proc/cpuinfo): reduced precision is emulated and slow")
-    report["matmul_tflops"] = matmul_rate(device, dtype)
-    nets = our_networks(args, device, dtype)
-    x_ref = reference_image(args.image, args.size, device)
+    report["matmul_tflops"] = matmul_rate(device, torch_dtype)
+    nets = our_networks(device, torch_dtype, model=model, prediction=prediction, seed=seed)
+    x_ref = reference_image(image, size, device)
     nets32 = nets  # float32 networks: the reference of the cosines and of diffusers' DPS row
-    if dtype != torch.float32:
+    if torch_dtype != torch.float32:
         nets32 = dict(nets, unet=copy.deepcopy(nets["unet"]).float(),
                       vae=copy.deepcopy(nets["vae"]).float(), context=nets["context"].float())
         report["grad_cosine_vs_float32"] = gradient_cosines(nets32, nets, x_ref)
-    report["call_flop"] = call_flops(nets, 1, args.size)  # per image: FLOP are linear in B
+    report["call_flop"] = call_flops(nets, 1, size)  # per image: FLOP are linear in B
     rows, bare = [], {}
-    for checkpointing in args.checkpointing:
-        dmap.set_checkpointing(nets["unet"], nets["vae"], checkpointing)
-        for batch in args.batch:
+    for setting in settings:
+        dmap.set_checkpointing(nets["unet"], nets["vae"], setting)
+        for b in batches:
             for method in methods:
                 try:
-                    rows.append(measured_row(nets, method, args, x_ref, batch, checkpointing,
-                                             bare, report["call_flop"]))
+                    rows.append(measured_row(nets, method, x_ref, op=op, steps=steps, batch=b,
+                                             checkpointing=setting, bare=bare,
+                                             call_flop=report["call_flop"]))
                     progress(rows[-1])
                 except torch.cuda.OutOfMemoryError:  # the largest batch that fits: the one before
                     torch.cuda.empty_cache()
-                    rows.append(dict(method=method, batch=batch, checkpointing=checkpointing,
+                    rows.append(dict(method=method, batch=b, checkpointing=setting,
                                      error="out of memory"))
     dmap.set_checkpointing(nets["unet"], nets["vae"], "none")
-    if args.profile:
-        report["profile"] = dict(method=methods[0], ops=profile(nets, methods[0], args.op, x_ref))
-    if not args.no_diffusers:
-        report["diffusers"] = compare_with_diffusers(nets, nets32, args, x_ref)
+    if profile:
+        report["profile"] = dict(method=methods[0], ops=step_profile(nets, methods[0], op, x_ref))
+    if diffusers:
+        report["diffusers"] = compare_with_diffusers(nets, nets32, x_ref, op=op, steps=steps)
     report["rows"] = rows
     return report
 
 
-def measured_row(nets: dict, method: str, args, x_ref, batch: int, checkpointing: str,
-                 bare: dict, call_flop: dict) -> dict:
+def measured_row(nets: dict, method: str, x_ref, *, op: str, steps: int, batch: int,
+                 checkpointing: str, bare: dict, call_flop: dict) -> dict:
     """run_steps' row with its network floor (each call kind timed bare once per setting and
     batch, kept in `bare`), overhead, FLOP, TFLOP/s and throughput."""
-    row = run_steps(nets, method, args.op, x_ref, args.steps, batch)
+    row = run_steps(nets, method, op, x_ref, steps, batch)
     parts = floor_calls(row["calls"])
     for kind in parts:
         if (checkpointing, batch, kind) not in bare:
             name, mode = kind.split()
-            call = bare_call(nets, name, mode == "grad", batch, args.size)
-            bare[checkpointing, batch, kind] = median_seconds(call, x_ref.device, args.steps)
+            call = bare_call(nets, name, mode == "grad", batch, x_ref.shape[-1])
+            bare[checkpointing, batch, kind] = median_seconds(call, x_ref.device, steps)
     floor = sum(n * bare[checkpointing, batch, kind] for kind, n in parts.items())
     flop = batch * sum(n * call_flop[kind] for kind, n in row["calls"].items())
     per_image = row["s_per_step"] * row["steps_per_image"]  # seconds for the batch's images
@@ -440,7 +538,7 @@ def measured_row(nets: dict, method: str, args, x_ref, batch: int, checkpointing
                 images_per_s=batch / per_image)
 
 
-def compare_with_diffusers(nets: dict, nets32: dict, args, x_ref) -> dict | None:
+def compare_with_diffusers(nets: dict, nets32: dict, x_ref, *, op: str, steps: int) -> dict | None:
     """Bare UNet and decoder calls, ours / diffusers' (alternating, same weights, same dtype),
     and the reference row: DPS with diffusers' models in float32 (None without diffusers)."""
     twins = diffusers_twins(nets)
@@ -449,15 +547,15 @@ def compare_with_diffusers(nets: dict, nets32: dict, args, x_ref) -> dict | None
     device, ratios = x_ref.device, {}
     for kind in ("denoiser", "decoder"):
         for grad in (False, True):
-            calls = [bare_call(n, kind, grad, 1, args.size) for n in (nets, twins)]
+            calls = [bare_call(n, kind, grad, 1, x_ref.shape[-1]) for n in (nets, twins)]
             for call in calls:  # warm-up, then ours and theirs in turn: the same machine noise
                 call()
-            times = [[seconds(call, device) for call in calls] for _ in range(args.steps)]
+            times = [[seconds(call, device) for call in calls] for _ in range(steps)]
             ours, theirs = (statistics.median(t) for t in zip(*times, strict=True))
             ratios[f"{kind} {'grad' if grad else 'fwd'}"] = dict(
                 ours_s=ours, diffusers_s=theirs, ratio=ours / theirs)
     del twins
-    row = run_steps(diffusers_twins(nets32), "dps", args.op, x_ref, args.steps, 1)
+    row = run_steps(diffusers_twins(nets32), "dps", op, x_ref, steps, 1)
     progress(dict(row, method="dps (diffusers' models)"))
     return dict(calls=ratios, dps=row)
 
@@ -513,31 +611,39 @@ def table_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# (6) The command line: python speed.py [flags] (and, for one release, python eval.py speed)
+# ---------------------------------------------------------------------------------------------
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's flags (eval.py speed)."""
+    """The benchmark's flags (python speed.py; eval.py speed adds them to its subcommand)."""
     p.add_argument("--model", help="an SD 2.0 folder or single file to time (default: full-size "
                    "SD 2.0 networks with random weights, the same cost)")
     p.add_argument("--random-weights", action="store_true",
                    help="full-size random weights (the default without --model)")
     p.add_argument("--prediction", choices=["eps", "v"], help="for a single-file --model")
-    p.add_argument("--size", type=int, default=512, help="image size in pixels")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="network dtype; latents, sigmas and the guidance step stay float32")
+    p.add_argument("--size", type=int, default=512,
+                   help="image size in pixels (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="network dtype; latents, sigmas and the guidance step stay float32 "
+                   "(default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-    methods = ", ".join(m for m in evaluation.METHODS if m != "cse")
-    p.add_argument("--methods", default="dps,dmap-same,dmap", help=f"comma list of {methods}")
-    p.add_argument("--op", default="sr", choices=["sr", "blur", "inpaint"],
-                   help="the measurement operator (its own cost is small)")
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (default: %(default)s)")
+    p.add_argument("--op", default="sr", choices=OPS,
+                   help="the measurement operator (its own cost is small) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per method, after one "
-                   "warm-up step")
+                   "warm-up step (default: %(default)s)")
     p.add_argument("--batch", type=int, nargs="+", default=[1],
-                   help="batch sizes (images restored at once), e.g. 1 2 4")
+                   help="batch sizes (images restored at once), e.g. 1 2 4 (default: 1)")
     p.add_argument("--checkpointing", nargs="+", default=["none"], choices=dmap.CHECKPOINTING,
                    help="activation checkpointing: none, the VAE decoder's, or also the UNet's "
-                   "(several: one row each)")
+                   "(several: one row each) (default: none)")
     p.add_argument("--image", help="the image to measure (default: a smooth seeded pattern)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (default: %(default)s)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--profile", action="store_true",
                    help="also profile a step of the first method: the ops that take its time")
@@ -545,23 +651,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --json")
 
 
-def check(args) -> None:
+def command(args: argparse.Namespace) -> str:
+    """The command's body from add_arguments' flags (python speed.py, eval.py speed): the
+    benchmark, its table on stdout, --json; -> the closing line."""
     if args.model and args.random_weights:
         raise ValueError("pass --model PATH or --random-weights, not both")
-    if args.size < 8 or args.size % 8:
-        raise ValueError(f"--size must be a multiple of 8, got {args.size}")
-    if args.steps < 1 or min(args.batch) < 1:
-        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps}, {args.batch}")
     if args.json and os.path.exists(args.json) and not args.force:
         raise ValueError(f"{args.json} exists; pass --force to overwrite it")
-    dmap.usable_device(args.device)
-
-
-def speed(args) -> str:
-    """eval.py speed: the benchmark, its table on stdout, --json; -> the closing line."""
-    check(args)
-    report = benchmark(args)
+    report = benchmark(methods=args.methods, size=args.size, steps=args.steps, batch=args.batch,
+                       model=args.model, prediction=args.prediction, dtype=args.dtype,
+                       device=args.device, op=args.op, checkpointing=args.checkpointing,
+                       image=args.image, seed=args.seed, diffusers=not args.no_diffusers,
+                       profile=args.profile)
     print(table_markdown(report))
     if args.json:
         cli.write_json(args.json, report)
     return f"benchmarked {len(report['rows'])} rows"
+
+
+def command_line() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = command_line().parse_args(argv)
+    start = time.perf_counter()
+
+    def body():
+        return f"{command(args)} in {time.perf_counter() - start:.0f} s"
+
+    return cli.run(body, interrupted="during the benchmark; nothing written", to_stderr=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

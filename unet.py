@@ -459,15 +459,17 @@ def layout(net: UNetEncoder) -> UNetEncoder:
     return net.to(memory_format=torch.channels_last) if net.cfg.in_channels == 3 else net
 
 
-def load_unet(folder: str, device=None, dtype=None) -> UNet:
-    """The UNet of a diffusers folder (config.json + diffusion_pytorch_model[.fp16].safetensors).
+def load_unet(folder: str, device=None, dtype=None, *, config=UNetConfig,
+              network=UNet) -> UNet:
+    """The UNet of a diffusers folder (config.json + diffusion_pytorch_model[.fp16].safetensors);
+    with config and network ControlNetConfig and ControlNet, a ControlNet (controlnet.py).
 
     Built on the meta device and filled tensor by tensor; dtype None keeps the file's dtype.
     """
-    cfg = UNetConfig.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
+    cfg = config.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
     path = find_weights(folder, "diffusion_pytorch_model")
     with torch.device("meta"):
-        model = UNet(cfg)
+        model = network(cfg)
     return layout(load_state(model, path, lambda key: key, device, dtype))
 
 

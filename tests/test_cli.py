@@ -13,7 +13,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("dmap.py", "cse.py", "eval.py", "toy_gmm.py", "mini.py")
+COMMANDS = ("dmap.py", "cse.py", "eval.py", "toy_gmm.py", "gmm_benchmark.py", "observations.py",
+            "speed.py", "mini.py")
 
 
 @pytest.mark.parametrize("raised, code, line", [

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import cse
 import dmap
 import operators
+from controlnet import from_unet, load_controlnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat",
@@ -77,8 +78,8 @@ def test_loss_goes_down(setup, tmp_path):
     argv = train_argv(setup, tmp_path, "--steps", "40", "--checkpoint-every", "40")
     assert cse.main(argv) == 0
     images, _ = cse.choose_images(images_dir, 5)
-    fresh = cse.from_unet(dmap.load_sd2(root).unet)
-    trained = cse.load_controlnet(str(tmp_path / "checkpoint-40" / "controlnet"))
+    fresh = from_unet(dmap.load_sd2(root).unet)
+    trained = load_controlnet(str(tmp_path / "checkpoint-40" / "controlnet"))
     before, after = fixed_loss(root, images, fresh), fixed_loss(root, images, trained)
     print(f"fixed-sample loss {before:.4f} -> {after:.4f}")
     assert after < 0.85 * before
@@ -94,7 +95,7 @@ def test_checkpoint_loads_in_diffusers(setup, tmp_path):
 
     assert cse.main(train_argv(setup, tmp_path, "--steps", "1")) == 0
     folder = str(tmp_path / "checkpoint-1" / "controlnet")
-    theirs, ours = ControlNetModel.from_pretrained(folder).eval(), cse.load_controlnet(folder)
+    theirs, ours = ControlNetModel.from_pretrained(folder).eval(), load_controlnet(folder)
     g = torch.Generator().manual_seed(0)
     x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
     context = torch.randn(2, 77, 32, generator=g)
@@ -159,7 +160,7 @@ def test_dps_cse_step_equals_diffusers(setup):
     """One DPS+CSE step in the authors' order (pipe.py:1687-1737): diffusers ControlNetModel
     residuals into UNet2DConditionModel, EulerAncestralDiscreteScheduler.step, the VAE decode of
     pred_original_sample, the gradient of ||y - A(x0_hat)|| w.r.t. the latent; against dmap.dps
-    with cse.CSEDenoiser on our loaded copies of the same weights and the same noise."""
+    with dmap.CSEDenoiser on our loaded copies of the same weights and the same noise."""
     from diffusers import ControlNetModel, EulerAncestralDiscreteScheduler
 
     root, _, d_unet, d_vae = setup
@@ -167,7 +168,7 @@ def test_dps_cse_step_equals_diffusers(setup):
     folder = os.path.join(root, "controlnet_test")
     d_cn.save_pretrained(folder, safe_serialization=True)
     sd = dmap.load_sd2(root)
-    controlnet = cse.load_controlnet(folder)
+    controlnet = load_controlnet(folder)
     op = operators.SR(size=32, factor=4)
     x_ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     y, zeta, steps = op(x_ref), 0.7, 50
@@ -176,7 +177,7 @@ def test_dps_cse_step_equals_diffusers(setup):
     scheduler.set_timesteps(steps)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * scheduler.sigmas[0]
     context = dmap.encode_prompt(sd, "")
-    denoiser = cse.CSEDenoiser(sd.unet, controlnet, context, sd.abar, hint, sd.prediction)
+    denoiser = dmap.CSEDenoiser(sd.unet, controlnet, context, sd.abar, hint, sd.prediction)
     for i in (0, 17):
         scheduler._step_index = i
         t = scheduler.timesteps[i]
@@ -205,12 +206,12 @@ def test_restore_with_cse(setup, tmp_path, capsys):
     image = os.path.join(images, "astronaut.png")
     common = [image, "--model", root, "--op", "sr", "--size", "64", "--steps", "3", "--out",
               str(tmp_path / "out"), "--method", "ddpm", "--device", "cpu"]
-    assert dmap.main(common + ["--cse", checkpoint]) == 0
-    assert dmap.main(common) == 0
-    record = json.load(open(tmp_path / "out" / "astronaut_ddpm+cse_sr_size64_steps3.json"))
+    assert dmap.main(common + ["--cse", checkpoint, "--name", "cse"]) == 0
+    assert dmap.main(common + ["--name", "plain"]) == 0
+    record = json.load(open(tmp_path / "out" / "cse.json"))
     assert record["cse"] == dict(path=checkpoint, step=1, images=5)
-    a = np.asarray(Image.open(tmp_path / "out" / "astronaut_ddpm+cse_sr_size64_steps3.png"))
-    b = np.asarray(Image.open(tmp_path / "out" / "astronaut_ddpm_sr_size64_steps3.png"))
+    a = np.asarray(Image.open(tmp_path / "out" / "cse.png"))
+    b = np.asarray(Image.open(tmp_path / "out" / "plain.png"))
     assert (a != b).any()
     capsys.readouterr()
     for extra, message in ((["--op", "blur"], "trained for --op sr at --size 64; this run is "
@@ -317,7 +318,7 @@ def test_gradient_checkpointing_changes_nothing():
 
     torch.manual_seed(0)
     u = randomize(unet.UNet(unet.TINY)).requires_grad_(False)
-    c = randomize(cse.from_unet(u), seed=1)
+    c = randomize(from_unet(u), seed=1)
     g = torch.Generator().manual_seed(0)
     x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
     context = torch.randn(2, 77, unet.TINY.cross_attention_dim, generator=g)
@@ -450,5 +451,6 @@ def test_help(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: None)" not in text and "(default: False)" not in text
         assert not re.search(r"\(default: [^)]*\) \(default:", text), text
-        assert "--out OUT output folder --size SIZE image size in pixels (default: 512)" in text
+        assert "--out OUT output folder --model" in text
+        assert "--size SIZE image size in pixels (default: 512)" in text
         assert flag in text

@@ -20,6 +20,7 @@ from PIL import Image
 import dmap
 import eval as evaluation
 import metrics
+import observations
 import operators
 import toy_gmm
 
@@ -291,10 +292,10 @@ def test_a_corrupt_record_is_redone(setup, tmp_path, capsys):
     record = out / "sr" / "dps" / "camera.json"
     whole = json.loads(record.read_text())
     record.write_text(record.read_text()[:150])
-    args = evaluation.parse_args(argv)
-    images, _ = evaluation.image_list(args)
+    job = evaluation.RunSettings(images=setup[1], out=str(out), n=2, size=64, metrics=("psnr",))
+    images, _ = evaluation.image_list(job)
     with pytest.raises(ValueError, match="1 restorations are missing or unreadable .*camera"):
-        evaluation.collect(args, images, ["sr"], ["dps"])
+        evaluation.collect(job, images, ["sr"], ["dps"])
     kept = os.stat(out / "sr" / "dps" / "astronaut.json").st_mtime_ns
     capsys.readouterr()
     assert evaluation.main(argv) == 0
@@ -368,7 +369,7 @@ def test_ctrl_c_is_one_line_that_says_what_was_kept(setup, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()  # after the progress bar
     assert err[-1].startswith("interrupted") and "astronaut" in err[-1] and \
         err[-1].count("rerun") == 1, err
-    monkeypatch.setattr(evaluation.Scorer, "pair", interrupt)
+    monkeypatch.setattr(metrics.Scorer, "pair", interrupt)
     assert evaluation.main(["score", "--ref", setup[1], "--pred", setup[1], "--metrics",
                             "psnr"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
@@ -392,8 +393,8 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, extra, message):
 
 
 def test_small_images_are_left_out_with_the_reason(setup):
-    args = evaluation.parse_args(run_argv(setup, "unused", "--n", "10"))
-    images, left_out = evaluation.image_list(args)
+    job = evaluation.RunSettings(images=setup[1], out="unused", n=10, size=64)
+    images, left_out = evaluation.image_list(job)
     assert [stem for _, stem, _ in images] == sorted(PHOTOS)
     assert left_out == [("notes.txt", "not an image"), ("small.png",
                                                           "40 px, smaller than --size")]
@@ -434,7 +435,7 @@ def test_observation_1_is_exact_for_dps_and_unconditional():
     prior, post, A, parts, y = gmm()
     sigmas = torch.tensor([1.0, 0.8], dtype=torch.float64)
     x = post.noisy(1.0).sample(500, torch.Generator().manual_seed(0))
-    out = evaluation.observation_1(post.denoiser, prior.denoiser, [("dps", "dps",
+    out = observations.observation_1(post.denoiser, prior.denoiser, [("dps", "dps",
                                    dict(zeta=0.3))], x, y, A, sigmas, parts=parts)
     ref = post.score(x, 1.0)
     exact = ((prior.score(x, 1.0) - ref).pow(2).sum(1).mean() / 2).sqrt().item()
@@ -452,7 +453,7 @@ def test_observations_2_and_3_find_what_the_paper_says():
     prior, post, A, parts, y = gmm()
     sigmas = toy_gmm.fig8_sigmas(40)
     x = post.noisy(sigmas[0].item()).sample(4000, torch.Generator().manual_seed(1))
-    two = evaluation.observation_2(post.denoiser, prior.denoiser, [("dps", "dps",
+    two = observations.observation_2(post.denoiser, prior.denoiser, [("dps", "dps",
                                    dict(zeta=1.0))], x, y, A, sigmas, parts=parts, chunk=1000)
     assert two["reference conditional"]["norm"] < 3 * two["reference conditional"]["se"]
     assert two["dps"]["norm"] > 6 * two["dps"]["se"]
@@ -460,7 +461,7 @@ def test_observations_2_and_3_find_what_the_paper_says():
     x_T = sigmas[0].item() * torch.randn(4000, 2, generator=g, dtype=torch.float64)
     exact = post.sample(200000, g).std(0).numpy()
     samples = dmap.ddpm(post.denoiser, x_T, y, A, sigmas, generator=g)
-    np.testing.assert_allclose(evaluation.pixel_std(samples), exact, rtol=0.1)
+    np.testing.assert_allclose(observations.pixel_std(samples), exact, rtol=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -69,10 +69,10 @@ def test_metric_weights_reach_the_tables(prior, tmp_path, capsys):
     assert "no alexnet-owt-7be5be79.pth there" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     weights = community_weights(tmp_path)
-    assert "lpips" not in mini.table_metrics(weights, 16)[1]  # AlexNet needs 31 px
+    assert "lpips" not in mini.table_metrics(weights, 16)["metrics"]  # AlexNet needs 31 px
     s = dataclasses.replace(mini.QUICK, size=32)
     table = mini.restore(photos, str(tmp_path / "run"), s, model, ["sr"], ["ddpm"], {},
-                         metric_flags=mini.table_metrics(weights, s.size), quiet=True)
+                         scoring=mini.table_metrics(weights, s.size), quiet=True)
     assert {"psnr", "ssim", "sw", "lpips", "fid", "kid"} <= set(table["sr/ddpm"])
     with pytest.raises(ValueError, match="LPIPS needs images of at least 31 x 31"):
         metrics.LPIPS()(torch.zeros(1, 3, 30, 30), torch.zeros(1, 3, 30, 30))
@@ -251,8 +251,8 @@ def test_interrupt_says_where_and_that_a_rerun_continues(quick, tmp_path, capsys
     assert line.startswith("interrupted in stage 4 of 7 (tune), ") and "00000_astronaut" in line
     assert line.endswith("; rerun the same command to continue") and line.count("rerun") == 1
 
-    def killed_cse(args):  # cse.py's message after a checkpoint
-        raise KeyboardInterrupt(f"at step 150 of 300; {args.out}/checkpoint-100 is whole: "
+    def killed_cse(**settings):  # cse.py's message after a checkpoint
+        raise KeyboardInterrupt(f"at step 150 of 300; {settings['out']}/checkpoint-100 is whole: "
                                 "continue with --resume")
 
     monkeypatch.setattr(cse, "train", killed_cse)

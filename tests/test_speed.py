@@ -1,8 +1,10 @@
-"""The speed benchmark (eval.py speed) and what makes a step fast and lean: FLOP counts against
+"""The speed benchmark (python speed.py) and what makes a step fast and lean: FLOP counts against
 diffusers' models, call counts per step, mixed precision, activation checkpointing."""
 
-import argparse
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,6 @@ from conftest import tiny_pipeline
 from PIL import Image
 
 import dmap
-import eval as evaluation
 import speed
 import unet
 import vae
@@ -69,13 +70,13 @@ def test_flop_per_call_equals_diffusers_models_at_sd2_size():
 
 
 def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
-    """eval.py speed at 64 px: each method's network calls per step are the algorithm's, FLOP
+    """python speed.py at 64 px: each method's network calls per step are the algorithm's, FLOP
     are calls x FLOP per call (linear in the batch), and the table has every row."""
     out = tmp_path / "speed.json"
-    argv = ["speed", "--model", str(pipeline), "--size", "64", "--methods",
+    argv = ["--model", str(pipeline), "--size", "64", "--methods",
             "ddpm,dps,dmap,dmap-same,psld", "--steps", "2", "--batch", "1", "2", "--json",
             str(out)]
-    assert evaluation.main(argv) == 0
+    assert speed.main(argv) == 0
     report = json.loads(out.read_text())
     rows = {(r["method"], r["batch"]): r for r in report["rows"]}
     assert sorted(rows) == sorted((m, b) for m in ("ddpm", "dps", "dmap", "dmap-same", "psld")
@@ -96,7 +97,7 @@ def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
     assert report["diffusers"]["dps"]["calls"] == calls["dps"]
     table = capsys.readouterr().out
     assert all(f"| {m} | none |" in table for m in per_image) and "ours / diffusers" in table
-    assert evaluation.main(argv) == 2  # the report exists: refused without --force
+    assert speed.main(argv) == 2  # the report exists: refused without --force
     assert "pass --force" in capsys.readouterr().err
 
 
@@ -105,20 +106,42 @@ def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
     (["--random-weights", "--model", "x"], "not both"),
     (["--methods", "dps,cse"], "drop the CSE methods"),
     (["--methods", "dps,nope"], "unknown method nope"),
+    (["--methods", "dps,dps"], "distinct names"),
     (["--size", "60"], "multiple of 8"),
 ])
 def test_benchmark_bad_input(extra, message, capsys):
-    assert evaluation.main(["speed", "--size", "64", *extra]) == 2
+    assert speed.main(["--size", "64", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch=0), "--steps and --batch must be >= 1"),
+    (dict(methods=["dps", "dmap+cse"]), "drop the CSE methods"),
+    (dict(checkpointing="some"), "--checkpointing must be one of"),
+    (dict(op="nonlinear_blur"), "--op must be one of"),
+    (dict(dtype="float64"), "--dtype must be one of"),
+])
+def test_benchmark_function_refuses_bad_input_before_it_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        speed.benchmark(size=64, **kwargs)
+
+
+def test_the_command_runs_as_a_script_without_eval():
+    """python speed.py is a command of its own; speed.py sits below eval.py (no import of it)."""
+    done = subprocess.run([sys.executable, "speed.py", "--help"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(speed.__file__)))
+    assert done.returncode == 0 and "--random-weights" in done.stdout, done.stderr
+    code = "import sys, speed; assert 'eval' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(
+        os.path.abspath(speed.__file__))).returncode == 0
 
 
 def test_bfloat16_networks_keep_float32_latents_and_the_answer(pipeline, tmp_path):
     """--dtype bfloat16 runs the networks in bf16 and keeps x, x0_hat and the guidance in
     float32; the DPS gradient on the astronaut has cosine >= 0.99 with the float32 one at sigma
     14, 1 and 0.1, and a whole tiny restoration stays close to the float32 one."""
-    args = argparse.Namespace(model=str(pipeline), prediction=None, seed=0)
-    nets32 = speed.our_networks(args, torch.device("cpu"), torch.float32)
-    nets16 = speed.our_networks(args, torch.device("cpu"), torch.bfloat16)
+    nets32 = speed.our_networks(torch.device("cpu"), torch.float32, model=str(pipeline))
+    nets16 = speed.our_networks(torch.device("cpu"), torch.bfloat16, model=str(pipeline))
     x_ref = dmap.read_image(str(pipeline / "astronaut.png"), 64)
     cosines = speed.gradient_cosines(nets32, nets16, x_ref)
     assert min(cosines.values()) >= 0.99, cosines

@@ -1,7 +1,7 @@
-"""cse.py against diffusers' ControlNetModel: tiny random weights, SD 2 structure.
+"""controlnet.py against diffusers' ControlNetModel: tiny random weights, SD 2 structure.
 
 The original single-file layout is checked through diffusers' own converter
-(single_file_utils.convert_controlnet_checkpoint), never through cse.original_controlnet_key;
+(single_file_utils.convert_controlnet_checkpoint), never through original_controlnet_key;
 the CSE denoiser against ControlNetModel + UNet2DConditionModel + EulerAncestralDiscreteScheduler.
 """
 
@@ -18,10 +18,19 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors.torch import load_file, save_file
 from test_unet import OTHER_PARTS, SD2_DIFFUSERS, diffusers_config
 
-import cse
 import dmap
 import unet
-from cse import SD2_CONTROLNET, TINY_CONTROLNET, ControlNetConfig, load_controlnet
+from controlnet import (
+    COPIED,
+    SD2_CONTROLNET,
+    TINY_CONTROLNET,
+    ControlNet,
+    ControlNetConfig,
+    controlnet_from_single_file,
+    from_unet,
+    load_controlnet,
+    original_controlnet_key,
+)
 
 # ControlNetModel.from_unet(stable-diffusion-2-base UNet).config, as save_pretrained writes it
 # (docs/sd2_formats.md §3.1; the authors' checkpoint-N/controlnet/config.json)
@@ -167,7 +176,7 @@ def test_fp16_folder(reference, tmp_path):
 def test_from_unet_equals_diffusers(reference):
     d_unet, _, folders = reference
     ours_unet = unet.load_unet(folders["unet"])
-    ours = cse.from_unet(ours_unet).state_dict()
+    ours = from_unet(ours_unet).state_dict()
     theirs = ControlNetModel.from_unet(d_unet).state_dict()
     unet_state = ours_unet.state_dict()
     assert ours.keys() == theirs.keys()
@@ -181,11 +190,11 @@ def test_from_unet_equals_diffusers(reference):
     assert (copied, zero, other) == reference_split
     # all of conv_in, time_embedding, down_blocks, mid_block: 296 tensors here (SD 2: 298, one
     # conv_shortcut more, test_full_size_names_and_shapes); 28 zero-conv and 14 hint-conv tensors
-    assert copied == {k for k in ours if k.startswith(cse.COPIED)}
+    assert copied == {k for k in ours if k.startswith(COPIED)}
     assert len(copied) == 296 and len(zero) == 28 and len(other) == 14
     assert all(k.startswith("controlnet_cond_embedding.") for k in other)  # default init
     # the copies are copies: own storage, trainable, and editing one leaves the UNet alone
-    controlnet = cse.from_unet(ours_unet)
+    controlnet = from_unet(ours_unet)
     params = dict(controlnet.named_parameters())
     assert all(params[k].data_ptr() != unet_state[k].data_ptr() for k in copied)
     assert all(p.requires_grad for p in controlnet.parameters())
@@ -200,7 +209,7 @@ def test_fresh_controlnet_leaves_unet_unchanged(reference):
     and so is the CSE denoiser's x0_hat to the plain SDDenoiser's."""
     _, _, folders = reference
     ours_unet = unet.load_unet(folders["unet"])
-    controlnet = cse.from_unet(ours_unet)
+    controlnet = from_unet(ours_unet)
     x, hint, context = inputs()
     t = torch.tensor([250.5, 3.0])
     with torch.no_grad():
@@ -209,7 +218,7 @@ def test_fresh_controlnet_leaves_unet_unchanged(reference):
         assert torch.equal(ours_unet(x, t, context, (down, mid)), ours_unet(x, t, context))
         abar = dmap.sd_abar()
         plain = dmap.SDDenoiser(ours_unet, context[:1], abar)(x, 2.5)
-        with_cse = cse.CSEDenoiser(ours_unet, controlnet, context[:1], abar, hint[:1])(x, 2.5)
+        with_cse = dmap.CSEDenoiser(ours_unet, controlnet, context[:1], abar, hint[:1])(x, 2.5)
     assert torch.equal(with_cse, plain)
 
 
@@ -219,10 +228,10 @@ def test_fresh_controlnet_leaves_unet_unchanged(reference):
 
 def test_full_size_names_and_shapes():
     with torch.device("meta"):
-        ours = cse.ControlNet(SD2_CONTROLNET)
+        ours = ControlNet(SD2_CONTROLNET)
         ref = ControlNetModel(**kwargs(SD2_CONTROLNET_DIFFUSERS))
         sd2_unet = unet.UNet(unet.SD2_UNET)
-        made = cse.from_unet(sd2_unet)
+        made = from_unet(sd2_unet)
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
     assert {k: v.shape for k, v in made.state_dict().items()} == shapes
@@ -230,7 +239,7 @@ def test_full_size_names_and_shapes():
     assert sum(p.numel() for p in ours.parameters()) == 364_228_240
     # from_unet copies 298 tensors: exactly the names the ControlNet shares with the UNet
     shared = shapes.keys() & sd2_unet.state_dict().keys()
-    assert shared == {k for k in shapes if k.startswith(cse.COPIED)} and len(shared) == 298
+    assert shared == {k for k in shapes if k.startswith(COPIED)} and len(shared) == 298
     # the 13 residuals at 512 px (docs/sd2_formats.md §3.1)
     meta = dict(device="meta")
     down, mid = ours(torch.zeros(1, 4, 64, 64, **meta), 500.5, torch.zeros(1, 77, 1024, **meta),
@@ -242,7 +251,7 @@ def test_full_size_names_and_shapes():
     # original names: diffusers' converter on {name: name} gives {our name: original name}
     original = original_state({k: k for k in shapes})
     truth = convert_controlnet_checkpoint({k: k for k in original}, {"layers_per_block": 2})
-    mapped = {cse.original_controlnet_key(k): k for k in original}
+    mapped = {original_controlnet_key(k): k for k in original}
     assert mapped == truth
     assert len(mapped) == len(original) == 340 and set(mapped) == set(shapes)  # a bijection
 
@@ -300,9 +309,9 @@ def test_single_file(reference, tmp_path, dtype, prefix):
     expected_model = copy.deepcopy(d_cn)
     expected_model.load_state_dict(convert_controlnet_checkpoint(
         {k: v.float() for k, v in load_file(path).items()}, {"layers_per_block": 2}))
-    loaded = cse.controlnet_from_single_file(path, TINY_CONTROLNET)
+    loaded = controlnet_from_single_file(path, TINY_CONTROLNET)
     assert {p.dtype for p in loaded.parameters()} == {dtype}
-    ours = cse.controlnet_from_single_file(path, TINY_CONTROLNET, dtype=torch.float32)
+    ours = controlnet_from_single_file(path, TINY_CONTROLNET, dtype=torch.float32)
     x, hint, context = inputs()
     t = torch.tensor([0.5, 999.0])
     with torch.no_grad():
@@ -315,10 +324,10 @@ def test_single_file(reference, tmp_path, dtype, prefix):
 
 def test_original_key_other_parts():
     for key in OTHER_CONTROL_LDM_PARTS:
-        assert cse.original_controlnet_key(key) is None
+        assert original_controlnet_key(key) is None
     # a SiLU has no weight: the key goes to load_state under a name no ControlNet has
     unknown = "control_model.input_hint_block.1.weight"
-    assert cse.original_controlnet_key(unknown) == "model.diffusion_model.input_hint_block.1.weight"
+    assert original_controlnet_key(unknown) == "model.diffusion_model.input_hint_block.1.weight"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,23 +342,23 @@ def test_original_key_other_parts():
 ])
 def test_mismatched_controlnet_refused(change, key):
     tiny_unet = unet.UNet(unet.TINY)
-    controlnet = cse.ControlNet(ControlNetConfig(**{**vars(TINY_CONTROLNET), **change}))
+    controlnet = ControlNet(ControlNetConfig(**{**vars(TINY_CONTROLNET), **change}))
     context, hint = torch.zeros(1, 7, 48), torch.zeros(1, 3, 128, 128)
     with pytest.raises(ValueError, match=f"ControlNet {key} .* \\(UNet: "):
-        cse.CSEDenoiser(tiny_unet, controlnet, context, dmap.sd_abar(), hint)
+        dmap.CSEDenoiser(tiny_unet, controlnet, context, dmap.sd_abar(), hint)
 
 
 def test_bad_hint_refused():
     tiny_unet = unet.UNet(unet.TINY)
-    controlnet = cse.ControlNet(TINY_CONTROLNET)
+    controlnet = ControlNet(TINY_CONTROLNET)
     context, abar = torch.zeros(1, 7, 48), dmap.sd_abar()
     with pytest.raises(ValueError, match=r"takes \(1 or B, 3, H, W\)"):  # a grey hint
-        cse.CSEDenoiser(tiny_unet, controlnet, context, abar, torch.zeros(1, 1, 128, 128))
-    one_channel = cse.ControlNet(ControlNetConfig(**vars(unet.TINY), conditioning_channels=1))
+        dmap.CSEDenoiser(tiny_unet, controlnet, context, abar, torch.zeros(1, 1, 128, 128))
+    one_channel = ControlNet(ControlNetConfig(**vars(unet.TINY), conditioning_channels=1))
     with pytest.raises(ValueError, match=r"takes \(1 or B, 1, H, W\)"):  # RGB for a 1-channel one
-        cse.CSEDenoiser(tiny_unet, one_channel, context, abar, torch.zeros(1, 3, 128, 128))
+        dmap.CSEDenoiser(tiny_unet, one_channel, context, abar, torch.zeros(1, 3, 128, 128))
     # y of SR x8 at the latent size instead of op.hint(y): refused at the first call
-    denoiser = cse.CSEDenoiser(tiny_unet, controlnet, context, abar, torch.zeros(1, 3, 16, 16))
+    denoiser = dmap.CSEDenoiser(tiny_unet, controlnet, context, abar, torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"8x the latent size; pass op.hint\(y\)"):
         denoiser(torch.zeros(1, 4, 16, 16), 1.0)
 
@@ -405,17 +414,17 @@ def test_bad_files(reference, tmp_path):
 def test_bad_single_files(reference, tmp_path):
     _, d_cn, _ = reference
     with pytest.raises(ValueError, match="nowhere.safetensors: no such file"):
-        cse.controlnet_from_single_file(str(tmp_path / "nowhere.safetensors"), TINY_CONTROLNET)
+        controlnet_from_single_file(str(tmp_path / "nowhere.safetensors"), TINY_CONTROLNET)
     path = str(tmp_path / "sd2-without-controlnet.safetensors")  # an SD checkpoint, no control
     save_file(OTHER_CONTROL_LDM_PARTS, path)
     with pytest.raises(ValueError, match=f"{re.escape(path)}: 340 missing keys for ControlNet"):
-        cse.controlnet_from_single_file(path, SD2_CONTROLNET, device="meta")
+        controlnet_from_single_file(path, SD2_CONTROLNET, device="meta")
     state = original_state(dict(d_cn.state_dict()))
     wrong = {**state, "control_model.output_blocks.0.0.in_layers.0.weight": torch.zeros(3)}
     save_file(wrong, path)
     with pytest.raises(ValueError, match="1 unexpected keys for ControlNet, first: "
                                          "control_model.output_blocks.0.0.in_layers.0.weight"):
-        cse.controlnet_from_single_file(path, TINY_CONTROLNET)
+        controlnet_from_single_file(path, TINY_CONTROLNET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +435,7 @@ def test_bad_single_files(reference, tmp_path):
 def test_cse_denoiser_equals_diffusers(reference, prediction):
     """x0_hat and its gradient w.r.t. x: ControlNetModel and UNet2DConditionModel on
     scale_model_input(x) at the scheduler's fractional timestep (pipe.py:1687-1718), x0_hat the
-    scheduler's pred_original_sample, against cse.CSEDenoiser on our loaded copies."""
+    scheduler's pred_original_sample, against dmap.CSEDenoiser on our loaded copies."""
     d_unet, d_cn, folders = reference
     ours_unet, ours_cn = unet.load_unet(folders["unet"]), load_controlnet(folders["controlnet"])
     scheduler = EulerAncestralDiscreteScheduler.from_config(
@@ -434,7 +443,7 @@ def test_cse_denoiser_equals_diffusers(reference, prediction):
     scheduler.set_timesteps(50)
     _, hint, context = inputs(B=1)
     abar = dmap.sd_abar()
-    denoiser = cse.CSEDenoiser(ours_unet, ours_cn, context, abar, hint,
+    denoiser = dmap.CSEDenoiser(ours_unet, ours_cn, context, abar, hint,
                                prediction={"epsilon": "eps", "v_prediction": "v"}[prediction])
     plain = dmap.SDDenoiser(ours_unet, context, abar, denoiser.prediction)
     w = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
