@@ -105,11 +105,11 @@ def add_model_flags(p: argparse.ArgumentParser, *, size: int | None, device: str
                     dtype: bool = True) -> None:
     """The flags every command that loads a model shares: --model --prediction --size --seed
     --dtype (unless dtype is False) --device (device: the default, cuda where there is one)."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="SD 2.0 pipeline folder or single "
-                   ".safetensors file (default: $SD2_MODEL or %(default)s)")
-    p.add_argument("--prediction", choices=["eps", "v"], help="eps (512-base) or v (768-v); "
-                   "needed for a single-file 768-v checkpoint (default: the folder's scheduler "
-                   "config, eps for a single file)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="SD 2.x or 1.x pipeline folder or "
+                   "single .safetensors file (default: $SD2_MODEL or %(default)s)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="eps (SD 2 512-base, SD 1.x) or v "
+                   "(SD 2 768-v); needed for a single-file 768-v checkpoint (default: the "
+                   "folder's scheduler config, eps for a single file)")
     p.add_argument("--size", type=int, default=size, help=size_help)
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     if dtype:

@@ -1,10 +1,13 @@
-"""The SD 2.0 text encoder: OpenCLIP ViT-H/14's text tower (penultimate layer) and CLIP's tokenizer.
+"""The SD text encoders, OpenCLIP ViT-H/14's text tower (SD 2.x) and OpenAI CLIP ViT-L/14's
+(SD 1.x), and CLIP's tokenizer.
 
 Reading order: (1) the byte-level BPE tokenizer (Radford et al. 2021, CLIP; Sennrich et al. 2016),
 (2) the config, (3) the transformer, (4) loading the diffusers folder and the LDM single file.
-SD2 conditions on the output of block 23 of OpenCLIP's 24, followed by the final LayerNorm
-(`FrozenOpenCLIPEmbedder(layer="penultimate")`), so the model here has 23 blocks. Parameter names
-are transformers' CLIPTextModel names without the `text_model.` prefix.
+Both run every block of their config, then the final LayerNorm. SD2 conditions on the output of
+block 23 of OpenCLIP's 24 (`FrozenOpenCLIPEmbedder(layer="penultimate")`), so its model here has
+23 blocks; SD 1.x on the last of CLIP-L's 12 (`FrozenCLIPEmbedder`: transformers'
+last_hidden_state). Parameter names are transformers' CLIPTextModel names without the
+`text_model.` prefix.
 """
 
 import gzip
@@ -20,19 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import find_weights, load_state, read_config
+from checkpoint import find_weights, load_state, open_checkpoint, read_config
 
 # ---------------------------------------------------------------------------------------------
-# (1) Tokenizer: text -> (B, 77) token ids, exactly as transformers' CLIPTokenizer on SD2's
+# (1) Tokenizer: text -> (B, 77) token ids, exactly as transformers' CLIPTokenizer on an SD
 # tokenizer/ folder (which is what diffusers runs)
 # ---------------------------------------------------------------------------------------------
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # SD2's special_tokens_map.json sets pad_token "!", the byte token with id 0. transformers makes it
 # a special token, so every "!" in a prompt becomes id 0 too, where open_clip (SD2's training,
-# which also runs ftfy and html.unescape) has "!</w>" = 256. Special tokens are split off first.
+# which also runs ftfy and html.unescape) has "!</w>" = 256. SD 1.x's folder (that of
+# openai/clip-vit-large-patch14) pads with EOS, 49407 (docs/sd2_formats.md §8).
 PAD = "!"
-SPECIAL = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>|!)")
+# The pad id of each model's tokenizer, for the empty prompt of a single file without its
+# tokenizer/ folder (dmap.encode_prompt): bos 49406, eos 49407, then pads.
+PAD_ID = {"sd1": 49407, "sd2": 0}
+# transformers' special tokens {text: normalized}: they are split off before anything else, a
+# normalized one in the lowercased text, another in the text as typed. SD2's folder: bos and eos
+# normalized, the pad "!" (a plain string in special_tokens_map.json) not.
+SD2_SPECIAL = {BOS: True, EOS: True, PAD: False}
+# The special-token entries transformers reads, in its order (tokenization_utils_base.py
+# SPECIAL_TOKENS_ATTRIBUTES), and CLIPTokenizer's defaults for the ones a folder leaves out.
+SPECIAL_DEFAULTS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
 # Unicode White_Space, which the tokenizers library's \s matches (Python's \s adds \x1c-\x1f)
 SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
@@ -52,32 +65,82 @@ def category_class(major: str) -> str:
     return "".join(f"{re.escape(chr(s[0]))}-{re.escape(chr(s[-1]))}" for s in spans)
 
 
-class Tokenizer:
-    """CLIP's byte-level BPE; `tokenizer(prompts)` -> (B, 77) ids: bos, tokens, eos, pad 0."""
+def splitter(tokens):
+    """text -> [text, token, text, token, ..., text]: split at each occurrence of `tokens`."""
+    if not tokens:
+        return lambda text: [text]
+    longest_first = sorted(tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")").split
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], context: int = 77):
-        self.vocab, self.context = vocab, context
+
+def special_tokens(folder: str) -> tuple[str, dict[str, bool]]:
+    """The pad token and the special tokens {text: normalized} of a tokenizer/ folder, as
+    transformers 5 reads them (measured on transformers 5.25, docs/sd2_formats.md §8): each
+    entry of special_tokens_map.json overrides tokenizer_config.json's (tokenization_utils_base.py
+    _from_pretrained), a missing one takes CLIPTokenizer's default (a plain string); an entry is
+    an AddedToken's fields or a plain string (normalized false). In the order bos, eos, unk, pad,
+    an entry equal to an earlier one is dropped, and the last one left decides its text's
+    `normalized` (tokenization_utils_tokenizers.py __init__ adds them in one call).
+    Neither file: SD 2's tokens, pad "!"."""
+    names = [name for name in ("tokenizer_config.json", "special_tokens_map.json")
+             if os.path.isfile(os.path.join(folder, name))]
+    if not names:
+        return PAD, SD2_SPECIAL
+    entries = {}
+    for name in names:  # the later file wins
+        config = read_config(folder, name)
+        entries |= {key: config[key] for key in SPECIAL_DEFAULTS if key in config}
+
+    def token(entry) -> tuple:  # what tokenizers' AddedToken equality compares
+        if isinstance(entry, str):
+            return entry, False, "str"
+        return (entry["content"], bool(entry.get("normalized", False)),
+                *(bool(entry.get(k, False)) for k in ("lstrip", "rstrip", "single_word")))
+
+    tokens = [token(entries.get(key, default)) for key, default in SPECIAL_DEFAULTS.items()]
+    kept = [t for i, t in enumerate(tokens) if t not in tokens[:i]]
+    return tokens[-1][0], {t[0]: t[1] for t in kept}  # tokens[-1]: the pad token's
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE; `tokenizer(prompts)` -> (B, 77) ids: bos, tokens, eos, pads (SD2:
+    "!" = 0; SD 1.x: eos). special: {text: normalized} of the special tokens (SD2_SPECIAL)."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], context: int = 77,
+                 pad: str = PAD, special: dict[str, bool] = SD2_SPECIAL):
+        self.vocab, self.context, self.pad = vocab, context, pad
+        self.split_typed = splitter([t for t, normalized in special.items() if not normalized])
+        self.split_normalized = splitter([t for t, normalized in special.items() if normalized])
         self.ranks = {pair: i for i, pair in enumerate(merges)}  # earlier merges apply first
         self.byte = bytes_to_unicode()
         self.cache = {}
         L, N = category_class("L"), category_class("N")
-        # CLIP's pre-tokenizer regex: contractions, letter runs, single digits, other runs
-        self.pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{SPACE}{L}{N}]+")
+        # CLIP's pre-tokenizer regex (tokenization_clip.py): bos and eos as text, contractions,
+        # letter runs, single digits, other runs
+        self.pattern = re.compile(rf"{re.escape(BOS)}|{re.escape(EOS)}|'s|'t|'re|'ve|'m|'ll|'d"
+                                  rf"|[{L}]+|[{N}]|[^{SPACE}{L}{N}]+")
 
     @classmethod
     def from_folder(cls, folder: str) -> "Tokenizer":
-        """SD2's `tokenizer/` folder: vocab.json and merges.txt (after a "#version: 0.2" line)."""
+        """An SD `tokenizer/` folder: vocab.json and merges.txt (after a "#version: 0.2" line);
+        its special tokens as transformers 5 reads them (special_tokens)."""
         paths = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
         for path in paths:
             if not os.path.isfile(path):
-                raise ValueError(f"{path}: no such file; expected SD2's tokenizer/ folder "
+                raise ValueError(f"{path}: no such file; expected an SD tokenizer/ folder "
                                  "(vocab.json + merges.txt)")
         with open(paths[0], encoding="utf-8") as f:
             vocab = json.load(f)
         with open(paths[1], encoding="utf-8") as f:
             lines = f.read().split("\n")
         lines = lines[1:] if lines[0].startswith("#version") else lines  # "#" is a token too
-        return cls(vocab, [tuple(line.split()) for line in lines if line])
+        pad, special = special_tokens(folder)
+        unknown = [t for t in special if t not in vocab]
+        if unknown:
+            raise ValueError(f"{folder}: special token {unknown[0]!r} is not in vocab.json; "
+                             "re-download the tokenizer/ folder")
+        return cls(vocab, [tuple(line.split()) for line in lines if line], pad=pad,
+                   special=special)
 
     @classmethod
     def from_bpe_gz(cls, path: str) -> "Tokenizer":
@@ -114,17 +177,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without bos/eos."""
-        # transformers' normalizer: NFC, then a per-character lowercase (no final-sigma rule);
-        # its whitespace collapsing changes nothing, as the split below drops whitespace
-        text = "".join(c.lower() for c in unicodedata.normalize("NFC", text))
         ids = []
-        for i, piece in enumerate(SPECIAL.split(text)):
-            if i % 2:  # a special token, split off before the regex as transformers does
-                ids.append(self.vocab[piece])
+        for i, part in enumerate(self.split_typed(text)):  # special tokens as typed first
+            if i % 2:
+                ids.append(self.vocab[part])
                 continue
-            for word in self.pattern.findall(piece):
-                chars = "".join(self.byte[b] for b in word.encode("utf-8"))
-                ids.extend(self.vocab[token] for token in self.bpe(chars))
+            # transformers' normalizer: NFC, then a per-character lowercase (no final-sigma
+            # rule); its whitespace collapsing changes nothing, as the regex drops whitespace
+            part = "".join(c.lower() for c in unicodedata.normalize("NFC", part))
+            for j, piece in enumerate(self.split_normalized(part)):
+                if j % 2:  # a normalized special token
+                    ids.append(self.vocab[piece])
+                    continue
+                for word in self.pattern.findall(piece):
+                    # bos or eos as text (typed in capitals where they are not normalized):
+                    # transformers' ByteLevel step splits it into "<|", the name, "|>"
+                    for w in [word[:2], word[2:-2], word[-2:]] if word in (BOS, EOS) else [word]:
+                        chars = "".join(self.byte[b] for b in w.encode("utf-8"))
+                        ids.extend(self.vocab[token] for token in self.bpe(chars))
         return ids
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
@@ -132,7 +202,7 @@ class Tokenizer:
         rows = []
         for prompt in prompts:
             ids = [self.vocab[BOS], *self.encode(prompt)[:self.context - 2], self.vocab[EOS]]
-            rows.append(ids + [self.vocab[PAD]] * (self.context - len(ids)))
+            rows.append(ids + [self.vocab[self.pad]] * (self.context - len(ids)))
         return torch.tensor(rows, dtype=torch.long)  # (B, 77)
 
 
@@ -175,6 +245,8 @@ class TextConfig:
 
 
 SD2_TEXT = TextConfig()
+# stable-diffusion-v1-5 text_encoder/config.json: openai/clip-vit-large-patch14's text model
+SD15_TEXT = TextConfig(width=768, heads=12, layers=12, mlp_width=3072, act="quick_gelu")
 TINY = TextConfig(width=32, heads=4, layers=2, mlp_width=64)  # tests; real token ids still work
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +302,7 @@ class Block(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, T <= 77) -> SD2's cross-attention context (B, T, width)."""
+    """Token ids (B, T <= 77) -> the UNet's cross-attention context (B, T, width)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -311,9 +383,31 @@ def openclip_key(key: str, layers: int = SD2_TEXT.layers):
     return f"encoder.layers.{i}.{OPENCLIP_BLOCK.get(module, module)}.{param}"
 
 
-def text_encoder_from_single_file(path: str, config: TextConfig = SD2_TEXT, device=None,
+# LDM's FrozenCLIPEmbedder.transformer (SD 1.x): a transformers CLIPTextModel under its own names
+# (diffusers single_file_utils.py LDM_CLIP_PREFIX_TO_REMOVE, convert_ldm_clip_checkpoint)
+SD1_PREFIX = "cond_stage_model.transformer."
+
+
+def sd1_key(key: str):
+    """Rename for `load_state`: an SD 1.x single-file key -> ours, None for the other parts."""
+    return transformers_key(key.removeprefix(SD1_PREFIX)) if key.startswith(SD1_PREFIX) else None
+
+
+def single_file_family(path: str) -> str:
+    """"sd1" when the single file holds SD 1.x's text encoder (cond_stage_model.transformer.*),
+    else "sd2" (SD 2.x's cond_stage_model.model.*, which load_state then asks for)."""
+    with open_checkpoint(path) as f:
+        return "sd1" if any(key.startswith(SD1_PREFIX) for key in f.keys()) else "sd2"
+
+
+def text_encoder_from_single_file(path: str, config: TextConfig | None = None, device=None,
                                   dtype=None) -> TextEncoder:
-    """The text encoder of an LDM single-file checkpoint (`512-base-ema.safetensors` layout)."""
+    """The text encoder of an LDM single-file checkpoint: SD 1.x's CLIP-L in transformers' names
+    (v1-5-pruned-emaonly.safetensors) or SD 2.x's OpenCLIP text tower (512-base-ema.safetensors),
+    told apart by the keys (single_file_family); config None: SD15_TEXT or SD2_TEXT."""
+    sd1 = single_file_family(path) == "sd1"
+    config = (SD15_TEXT if sd1 else SD2_TEXT) if config is None else config
     with torch.device("meta"):
         model = TextEncoder(config)
-    return load_state(model, path, lambda key: openclip_key(key, config.layers), device, dtype)
+    rename = sd1_key if sd1 else (lambda key: openclip_key(key, config.layers))
+    return load_state(model, path, rename, device, dtype)

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import load_state, read_config
-from unet import TINY, UNet, UNetConfig, UNetEncoder, layout, ldm_unet_key, load_unet
+from unet import (
+    TINY,
+    UNet,
+    UNetConfig,
+    UNetEncoder,
+    layout,
+    ldm_unet_key,
+    load_unet,
+    single_file_config,
+)
 
 # ---------------------------------------------------------------------------------------------
 # (1) The config: the UNet's encoder half plus the hint embedding
@@ -43,7 +52,7 @@ class ControlNetConfig(UNetConfig):
         """Read a diffusers ControlNetModel config.json (`path`, named in errors); reject what
         this ControlNet cannot build."""
         def fail(what):
-            raise ValueError(f"{path}: {what}; only Stable Diffusion 2.x ControlNets "
+            raise ValueError(f"{path}: {what}; only Stable Diffusion 1.x / 2.x ControlNets "
                              "(ControlNetModel) are supported")
 
         if cfg.get("_class_name") not in (None, "ControlNetModel"):
@@ -112,7 +121,7 @@ class ConditioningEmbedding(nn.Module):
 
 
 class ControlNet(UNetEncoder):
-    """diffusers ControlNetModel for Stable Diffusion 2.x (original cldm.py ControlNet).
+    """diffusers ControlNetModel for Stable Diffusion 1.x / 2.x (original cldm.py ControlNet).
 
     conv_in, time_embedding, down_blocks and mid_block are the UNet's encoder (UNetEncoder,
     the same code); controlnet_cond_embedding embeds the hint, added to the conv_in output;
@@ -234,10 +243,14 @@ def original_controlnet_key(key: str, config: ControlNetConfig = SD2_CONTROLNET)
     return ldm_unet_key("model.diffusion_model." + rest, config.layers_per_block)
 
 
-def controlnet_from_single_file(path: str, config: ControlNetConfig = SD2_CONTROLNET,
+def controlnet_from_single_file(path: str, config: ControlNetConfig | None = None,
                                 device=None, dtype=None) -> ControlNet:
     """The ControlNet of an original single-file checkpoint (a ControlLDM file, `control_model.`
-    keys, or a standalone one; fp32/fp16/bf16). dtype None keeps the file's dtype."""
+    keys, or a standalone one; fp32/fp16/bf16). config None: the encoder of SD 1.x or 2.x, read
+    from the file (unet.single_file_config), and the default hint embedding. dtype None keeps
+    the file's dtype."""
+    if config is None:
+        config = ControlNetConfig(**vars(single_file_config(path, ("control_model.", ""))))
     with torch.device("meta"):
         model = ControlNet(config)
     rename = functools.partial(original_controlnet_key, config=config)

@@ -588,8 +588,8 @@ def parse_args(argv=None):
                    help="what learns: a CSE (a ControlNet on the frozen UNet), or the UNet of a "
                    "pixel-space model itself (a prior, as mini.py trains; --op unused) "
                    "(default: %(default)s)")
-    t.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
-                   help="the degradation the CSE learns (default: %(default)s)")
+    t.add_argument("--op", default="sr", help=f"the degradation the CSE learns: {dmap.OP_HELP} "
+                   "(default: %(default)s)")
     t.add_argument("--images", required=True, help="folder of training images (recursive)")
     t.add_argument("--n", "--num-images", dest="n", type=int, default=100,
                    help="images chosen from the folder (the paper: 25, 50, 100, 1000); under "

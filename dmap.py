@@ -394,7 +394,8 @@ def implied_score(name, denoiser, x, y, A, sigma: float, sigma_next: float, *, r
 
 
 # ---------------------------------------------------------------------------------------------
-# (4) Stable Diffusion 2.0: its schedule in sigma space, its denoiser, loading the weights
+# (4) Stable Diffusion 2.0 (and 1.x): its schedule in sigma space, its denoiser, loading the
+#     weights
 # ---------------------------------------------------------------------------------------------
 
 
@@ -471,16 +472,19 @@ FETCH = (f"pip install huggingface_hub && hf download {HUB_REPO} --include 'unet
 
 
 class Pipeline(NamedTuple):
-    """The parts of Stable Diffusion 2.0 the samplers need; or of a pixel-space model of the
-    same UNet (mini.py's), which has no VAE and no text encoder: its latents are the images."""
+    """The parts of Stable Diffusion 2.0 (or 1.x) the samplers need; or of a pixel-space model of
+    the same UNet (mini.py's), which has no VAE and no text encoder: its latents are the images."""
 
     unet: nn.Module
     vae: nn.Module | None  # None: pixel space
     text_encoder: nn.Module | None  # None: pixel space (the empty context, encode_prompt)
     tokenizer: "clip.Tokenizer | None"  # None: a single file without a tokenizer/ folder beside
     abar: torch.Tensor  # the DDPM table alpha_bar_t, t = 0..999
-    prediction: str  # "eps" (512-base) or "v" (768-v)
+    prediction: str  # "eps" (512-base, SD 1.x) or "v" (768-v)
     path: str = ""  # where it was loaded from (its defaults.json, if any, is read from there)
+    # "sd1" or "sd2": which Stable Diffusion (a pixel model's UNet has SD 2's layout, "sd2");
+    # it decides the empty prompt's padding where no tokenizer/ folder says it (encode_prompt)
+    family: str = "sd2"
 
     def latent(self, size: int) -> tuple[int, int, int]:
         """The shape of the latent of one size x size image: (4, size / 8, size / 8) for SD 2.0
@@ -514,13 +518,21 @@ def is_pixel_model(path: str) -> bool:
         read_config(unet_dir, "config.json").get("in_channels") == 3
 
 
+def family_of(unet_net: nn.Module) -> str:
+    """"sd1" or "sd2", from the UNet's config: SD 1.x projects into its transformers with 1x1
+    convs, SD 2.x with Linear layers (use_linear_projection; docs/sd2_formats.md §8)."""
+    return "sd2" if unet_net.cfg.linear_projection else "sd1"
+
+
 def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) -> Pipeline:
-    """SD 2.0 from a diffusers pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
-    or a single-file LDM checkpoint (512-base-ema.safetensors layout; docs/sd2_formats.md §2.2);
+    """Stable Diffusion 1.x or 2.x, told apart by the files, from a diffusers pipeline folder
+    (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a single-file LDM checkpoint
+    (v1-5-pruned-emaonly.safetensors, 512-base-ema.safetensors; docs/sd2_formats.md §2.2, §8);
     or a pixel-space model folder (unet/ scheduler/, is_pixel_model).
 
     512-base (eps) and 768-v (v) have identical keys: a folder's scheduler config decides; for a
-    single file the `prediction` flag does (default "eps", the model of the paper).
+    single file the `prediction` flag does (default "eps", the model of the paper; SD 1.x has
+    no v model).
     """
     if prediction not in (None, "eps", "v"):
         raise ValueError(f"prediction must be 'eps' (512-base) or 'v' (768-v), got {prediction!r}")
@@ -528,19 +540,26 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
         raise ValueError(f"{path}: no such file or folder; check --model (to get SD 2.0, 5.2 GB: "
                          f"{FETCH.format(path=path)})")
     if os.path.isfile(path):
+        text_family = clip.single_file_family(path)  # from the text encoder's keys
+        if text_family == "sd1" and prediction == "v":
+            raise ValueError(f"{path} is an SD 1.x checkpoint; SD 1.x has no v-prediction model: "
+                             "drop --prediction v")
+        unet_net = unet.unet_from_single_file(path, device=device, dtype=dtype)
+        if family_of(unet_net) != text_family:
+            raise ValueError(f"{path}: its UNet is {family_of(unet_net)}'s but its text encoder "
+                             f"{text_family}'s; the file mixes two models: re-download it")
         tokenizer_dir = os.path.join(os.path.dirname(path), "tokenizer")
-        return Pipeline(unet.unet_from_single_file(path, device=device, dtype=dtype),
-                        vae.vae_from_single_file(path, device=device, dtype=dtype),
+        return Pipeline(unet_net, vae.vae_from_single_file(path, device=device, dtype=dtype),
                         clip.text_encoder_from_single_file(path, device=device, dtype=dtype),
                         clip.Tokenizer.from_folder(tokenizer_dir) if os.path.isdir(tokenizer_dir)
-                        else None, sd_abar(), prediction or "eps", path)
+                        else None, sd_abar(), prediction or "eps", path, text_family)
     pixel = is_pixel_model(path)
     parts = ("unet", "scheduler") if pixel else \
         ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
     if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)} folder(s); not an SD 2.0 pipeline "
-                         f"folder; fetch it with: {FETCH.format(path=path)}")
+        raise ValueError(f"{path}: no {', '.join(missing)} folder(s); not a Stable Diffusion "
+                         f"pipeline folder; fetch SD 2.0 with: {FETCH.format(path=path)}")
     config_path = os.path.join(path, "scheduler", "scheduler_config.json")
     try:
         with open(config_path) as f:
@@ -549,7 +568,7 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
         raise ValueError(f"{config_path}: unreadable ({e}); re-download scheduler/") from None
     if scheduler.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise ValueError(f"{config_path}: beta_schedule {scheduler['beta_schedule']!r} is not "
-                         "SD 2.0's scaled_linear; this is not an SD 2.0 model")
+                         "Stable Diffusion's scaled_linear; this is not an SD 1.x / 2.x model")
     folder_prediction = {"epsilon": "eps", "v_prediction": "v"}.get(
         scheduler.get("prediction_type", "epsilon"))
     if folder_prediction is None or prediction not in (None, folder_prediction):
@@ -557,14 +576,14 @@ def load_sd2(path: str, prediction: str | None = None, device=None, dtype=None) 
                          f"{scheduler.get('prediction_type')!r}; drop --prediction {prediction}")
     abar = sd_abar(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012),
                    scheduler.get("num_train_timesteps", 1000))
+    unet_net = unet.load_unet(os.path.join(path, "unet"), device, dtype)
     if pixel:
-        return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype), None, None,
-                        None, abar, folder_prediction, path)
-    return Pipeline(unet.load_unet(os.path.join(path, "unet"), device, dtype),
-                    vae.load_vae(os.path.join(path, "vae"), device, dtype),
+        return Pipeline(unet_net, None, None, None, abar, folder_prediction, path,
+                        family_of(unet_net))
+    return Pipeline(unet_net, vae.load_vae(os.path.join(path, "vae"), device, dtype),
                     clip.load_text_encoder(os.path.join(path, "text_encoder"), device, dtype),
                     clip.Tokenizer.from_folder(os.path.join(path, "tokenizer")), abar,
-                    folder_prediction, path)
+                    folder_prediction, path, family_of(unet_net))
 
 
 CHECKPOINTING = ("none", "vae", "all")
@@ -580,10 +599,11 @@ def set_checkpointing(unet_net: nn.Module, vae_net: nn.Module, which: str) -> No
 
 
 def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
-    """The (1, 77, 1024) text context. The paper conditions on the empty prompt (no CFG), whose
-    ids need no vocabulary: [bos, eos, pad x 75] (docs/sd2_formats.md §1.5). A pixel-space
-    model has no text encoder: its fixed empty context is one token of zeros (its
-    cross-attention then adds a learnt constant)."""
+    """The (1, 77, 1024) text context ((1, 77, 768) for SD 1.x). The paper conditions on the empty
+    prompt (no CFG), whose ids need no vocabulary: [bos, eos, pad x 75], pad 0 for SD 2 and eos
+    for SD 1.x (docs/sd2_formats.md §1.5, §8). A pixel-space model has no text encoder: its
+    fixed empty context is one token of zeros (its cross-attention then adds a learnt
+    constant)."""
     if sd.text_encoder is None:
         if prompt != "":
             raise ValueError("a pixel-space model has no text encoder; it takes no --prompt")
@@ -592,9 +612,9 @@ def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
     if sd.tokenizer is not None:
         ids = sd.tokenizer([prompt])
     elif prompt == "":
-        ids = torch.tensor([[49406, 49407] + [0] * 75])
+        ids = torch.tensor([[49406, 49407] + [clip.PAD_ID[sd.family]] * 75])
     else:
-        raise ValueError("a non-empty prompt needs SD 2.0's tokenizer/ folder (vocab.json, "
+        raise ValueError("a non-empty prompt needs the model's tokenizer/ folder (vocab.json, "
                          "merges.txt) next to the single-file checkpoint")
     device = next(sd.text_encoder.parameters()).device
     with torch.no_grad():
@@ -624,6 +644,8 @@ METHODS = {"ddpm": ("ddpm", None), "dps": ("dps", None), "dsg": ("dsg", None),
            "psld": ("psld", None), "cse": ("ddpm", None)}
 # Method knobs the command exposes; each flag is named as the sampler keyword it sets.
 KNOBS = ("K", "gamma", "repeats", "window", "at", "iters", "lr")
+# The operators --op names: the built-in ones, or a user's class (operators.py, section (6))
+OP_HELP = f"{', '.join(operators.OPERATORS)}, or FILE.py:CLASS, your own (operators.py)"
 # Operator flags and the operators they apply to (the operator's keyword, the default).
 OPERATOR_FLAGS = {"sr_factor": ("sr", "factor", 8), "blur_std": ("blur", "std", 3.0),
                   "kernel_weights": ("nonlinear_blur", "weights", "weights/GOPRO_wVAE.safetensors")}
@@ -748,7 +770,8 @@ def make_operator(op: str, size: int, *, seed: int = 0, model: str | None = None
                   **flags) -> tuple[operators.Operator, dict]:
     """Operator `op` for size x size images with the settings that apply to it (OPERATOR_FLAGS:
     sr_factor, blur_std, kernel_weights; None = the model folder's default, else the paper's),
-    the seed of a random one; -> (operator, its arguments for the record)."""
+    the seed of a random one; -> (operator, its arguments for the record). op: a name of
+    operators.OPERATORS, or FILE.py:CLASS, your own operator (operators.py's docstring)."""
     unknown = set(flags) - set(OPERATOR_FLAGS)
     if unknown:
         raise TypeError(f"unknown operator settings {sorted(unknown)}; they are "
@@ -756,6 +779,11 @@ def make_operator(op: str, size: int, *, seed: int = 0, model: str | None = None
     for name, (applies, _, _) in OPERATOR_FLAGS.items():
         if flags.get(name) is not None and op != applies:
             raise ValueError(f"--{name.replace('_', '-')} applies to --op {applies} only")
+    if op not in operators.OPERATORS:
+        if operators.plugin_spec(op) is None:
+            raise ValueError(f"unknown --op {op}; choose from {', '.join(operators.OPERATORS)}"
+                             ", or FILE.py:CLASS for your own (operators.py's docstring)")
+        return operators.load_plugin(op, size, seed)
     cls = operators.OPERATORS[op]
     op_args = {"size": size}
     defaults = model_defaults(model) if model and os.path.isdir(model) else {}
@@ -880,8 +908,9 @@ def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str 
     reference = None if x_ref is None else to_uint8(x_ref)
     if reference is not None:
         record["psnr"] = round(metrics.psnr(restored, reference), 3)
-    hint = operator.hint(y) if y.shape[-1] != size else y
-    return dict(restored=restored, measurement=to_uint8(y), hint=to_uint8(hint),
+    hint = operator.hint(y)  # y as an image (a plugin's class scores: their colour map)
+    shown = y if y.ndim == 4 and y.shape[1] == 3 else hint
+    return dict(restored=restored, measurement=to_uint8(shown), hint=to_uint8(hint),
                 reference=reference, record=record)
 
 
@@ -912,8 +941,8 @@ def command_line() -> argparse.ArgumentParser:
     p.add_argument("image", help="the reference image (or, with --observed, the measurement y)")
     p.add_argument("--method", default="dmap", choices=list(SAMPLERS),
                    help="posterior sampler (default: %(default)s)")
-    p.add_argument("--op", default="sr", choices=list(operators.OPERATORS),
-                   help="degradation operator A (default: %(default)s)")
+    p.add_argument("--op", default="sr", help=f"degradation operator A: {OP_HELP} (default: "
+                   "%(default)s)")
     p.add_argument("--out", default="./results", help="output folder (default: %(default)s)")
     p.add_argument("--name", help="stem of the output files (default: image_method_op, then "
                    "every setting that differs from its default, e.g. astronaut_dps_sr_zeta2)")
@@ -924,7 +953,8 @@ def command_line() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: 500; DMAP: "
                    "--dmap-setting's, 500 full or 250 same)")
     p.add_argument("--zeta", type=float, help="step size (DSG: guidance rate) (default: per "
-                   "method and operator, the table in README.md; DMAP same: x2)")
+                   "method and operator, the table in README.md, SD 2.0's, also for SD 1.x; "
+                   "DMAP same: x2)")
     p.add_argument("--dmap-setting", choices=list(DMAP_SETTINGS),
                    help="DMAP budget: full = K 3 at 500 steps; same = K 2 at 250, zeta x2 "
                    "(default: full)")
@@ -982,7 +1012,8 @@ def output_paths(args, parser: argparse.ArgumentParser) -> dict:
                     f"{value:g}"
                 tags.append(key.replace("_", "-") + text)
         image = os.path.splitext(os.path.basename(args.image))[0]
-        stem = "_".join([image, args.method + ("+cse" if args.cse else ""), args.op] + tags)
+        stem = "_".join([image, args.method + ("+cse" if args.cse else ""),
+                         operators.short_name(args.op)] + tags)
     return {k: os.path.join(args.out, stem + suffix) for k, suffix in
             (("restored", ".png"), ("measurement", "_y.png"), ("panel", "_panel.png"),
              ("record", ".json"))}

@@ -35,7 +35,7 @@ import operators
 import plot
 import speed
 from controlnet import load_cse
-from metrics import LABELS, METRICS, Scorer, cell, convention_lines, summarize, sw_pixels
+from metrics import KNOWN, LABELS, METRICS, Scorer, cell, convention_lines, summarize, sw_pixels
 
 # ---------------------------------------------------------------------------------------------
 # (1) `score`: two folders paired by name
@@ -139,7 +139,8 @@ def score_markdown(report: dict, names, kid_subset) -> str:
 PAPER_METHODS = ("dps", "dsg", "dmap", "dmap-same", "freedom", "resample", "psld")
 # Settings that change a restoration: a rerun into the same --out must keep them.
 RUN_KEYS = ("model", "prediction", "size", "steps", "seed", "sigma_y", "dtype", "cse", "batch",
-            "metrics", "zeta", "operator_flags")
+            "metrics", "zeta", "operator_flags", "eta", "knobs")
+BEFORE = {"eta": 1.0}  # what a run.json written before a setting existed ran with
 RESUMES = "every restoration with a record is whole: rerun the same command to continue"
 
 
@@ -155,6 +156,8 @@ class RunSettings:
     methods: tuple = PAPER_METHODS
     n: int = 1000
     steps: int | None = None
+    eta: float = 1.0  # ancestral (DDPM) steps; 0: DDIM, the PF-ODE (Table 9)
+    knobs: dict = field(default_factory=dict)  # sampler settings for every method, as {"K": 2}
     sigma_y: float = 0.0
     batch: int = 1
     grid: int = 4
@@ -199,7 +202,8 @@ def check_methods(job: RunSettings) -> None:
         raise ValueError(f"--methods needs distinct names, got {','.join(job.methods)!r}")
     for key in job.zeta:
         op, _, m = key.rpartition("/")
-        if m not in valid or (op and op not in operators.OPERATORS):
+        if m not in valid or (op and op not in operators.OPERATORS and
+                              operators.plugin_spec(op) is None):
             raise ValueError(f"--zeta {key}: name a method ({', '.join(valid)}), optionally "
                              "after an operator and /, as sr/dps=1.2")
 
@@ -217,7 +221,7 @@ def method_settings(job: RunSettings, method: str, op: str) -> tuple[str, int, d
     steps = None if not job.steps else max(1, job.steps // 2) if budget == "same" else job.steps
     steps, kwargs, _ = dmap.sampler_settings(sampler, op, model=job.model, steps=steps,
                                              zeta=zeta_for(job.zeta, op, method),
-                                             dmap_setting=budget)
+                                             dmap_setting=budget, eta=job.eta, **job.knobs)
     return sampler, steps, kwargs
 
 
@@ -283,7 +287,7 @@ def check_run(job: RunSettings, images, settings: dict) -> dict | None:
         raise ValueError(f"--out {job.out} holds a run of other images ({other[0]}); use "
                          "another --out")
     for key in RUN_KEYS:
-        if old.get(key) != settings[key]:
+        if old.get(key, BEFORE.get(key)) != settings[key]:
             raise ValueError(f"--out {job.out} holds a run with {key} = {old.get(key)!r}, not "
                              f"{settings[key]!r}; use another --out")
     return None if kept == now else dict(old, images_sha256=now)
@@ -343,6 +347,11 @@ class Run:
         x_ref = torch.cat([x for _, x in refs]).to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
         y = op.measure(x_ref, self.job.sigma_y, generator)
+        scores_classes = "miou" in self.scorer.names
+        if scores_classes and (op_name in operators.OPERATORS or y.ndim != 4 or y.shape[1] < 2):
+            raise ValueError("mIoU needs an operator that measures class scores (B, C >= 2, h, "
+                             f"w), as a segmentation network (FILE.py:CLASS); --op {op_name} "
+                             "does not: leave miou out of --metrics")
         denoiser = self.denoiser(method, op_name, op, y)
         start = time.perf_counter()
         with speed.PeakMemory(self.device) as peak:
@@ -353,15 +362,20 @@ class Run:
                 restored = self.sd.decode(z0)
         seconds = (time.perf_counter() - start) / len(batch)
         with torch.no_grad():  # measurement fit, on [-1, 1] before the 8-bit rounding
-            y_rmse = (op(restored.clamp(-1, 1)) - y).flatten(1).pow(2).mean(1).sqrt().tolist()
-        hint = op.hint(y) if y.shape[-1] != self.job.size else y
-        folder = os.path.join(self.job.out, op_name, method)
-        os.makedirs(os.path.join(self.job.out, op_name, "measurement"), exist_ok=True)
+            fit = op(restored.clamp(-1, 1))
+        y_rmse = (fit - y).flatten(1).pow(2).mean(1).sqrt().tolist()
+        # mIoU of the class maps argmax A(x) and argmax y, per image (Table 10, right)
+        miou = [metrics.miou(a, t) for a, t in zip(fit.argmax(1), y.argmax(1), strict=True)] \
+            if scores_classes else None
+        hint = op.hint(y)  # an image of y (operators.picture for a measurement of another kind)
+        op_folder = os.path.join(self.job.out, operators.short_name(op_name))
+        folder = os.path.join(op_folder, method)
+        os.makedirs(os.path.join(op_folder, "measurement"), exist_ok=True)
         os.makedirs(folder, exist_ok=True)
         for b, (i, s, p) in enumerate(batch):
             image = dmap.to_uint8(restored[b:b + 1])
             cli.write_atomic(os.path.join(folder, s + ".png"), Image.fromarray(image).save)
-            measurement = os.path.join(self.job.out, op_name, "measurement", s + ".png")
+            measurement = os.path.join(op_folder, "measurement", s + ".png")
             if not os.path.exists(measurement):
                 cli.write_atomic(measurement,
                                  Image.fromarray(dmap.to_uint8(hint[b:b + 1])).save)
@@ -369,11 +383,14 @@ class Run:
             if features is not None:
                 cli.write_atomic(os.path.join(folder, s + ".npy"),
                                  lambda tmp, f=features: np.save(tmp, f))
+            scores = self.scorer.pair(refs[b][0], image)
+            if miou is not None:
+                scores["miou"] = miou[b]
             record = dict(image=os.path.abspath(p), index=i, seed=seed, batch=len(batch),
                           method=method, op=op_name, operator=op_args,
                           sampler=dict(kwargs, steps=steps), seconds=round(seconds, 3),
                           peak_mb=None if peak.mb is None else round(peak.mb, 1),
-                          y_rmse=y_rmse[b], **self.scorer.pair(refs[b][0], image))
+                          y_rmse=y_rmse[b], **scores)
             cli.write_json(os.path.join(folder, s + ".json"), record)
 
 
@@ -390,7 +407,7 @@ def todo(job: RunSettings, images, ops, methods, rank, world) -> list:
             for batch in batches[rank::world]:
                 missing = False
                 for _, stem, _ in batch:
-                    path = os.path.join(job.out, op, method, stem + ".json")
+                    path = os.path.join(job.out, operators.short_name(op), method, stem + ".json")
                     if not os.path.exists(path):
                         missing = True
                     elif cli.read_json(path) is None:
@@ -410,7 +427,7 @@ def collect(job: RunSettings, images, ops, methods) -> dict:
     for op in ops:
         for m in methods:
             for _, stem, _ in images:
-                path = os.path.join(job.out, op, m, stem + ".json")
+                path = os.path.join(job.out, operators.short_name(op), m, stem + ".json")
                 on_disk[op, m, stem] = cli.read_json(path) if os.path.exists(path) else None
     missing = ["/".join(key) for key, record in on_disk.items() if record is None]
     if missing:
@@ -430,7 +447,7 @@ def collect(job: RunSettings, images, ops, methods) -> dict:
     table = {}
     for op in ops:
         for m in methods:
-            folder = os.path.join(job.out, op, m)
+            folder = os.path.join(job.out, operators.short_name(op), m)
             records = [on_disk[op, m, stem] for _, stem, _ in images]
             pred = [load(os.path.join(folder, s + ".npy")) for _, s, _ in images] \
                 if feats else None
@@ -441,7 +458,7 @@ def collect(job: RunSettings, images, ops, methods) -> dict:
             peaks = [r["peak_mb"] for r in records if r["peak_mb"] is not None]
             summary.update(seconds=float(np.mean([r["seconds"] for r in records])),
                            peak_mb=max(peaks) if peaks else None, sampler=records[0]["sampler"])
-            table[f"{op}/{m}"] = summary
+            table[f"{operators.short_name(op)}/{m}"] = summary
     return table
 
 
@@ -452,20 +469,21 @@ def table_markdown(job: RunSettings, table, ops, methods, settings, left_out) ->
     lines = [f"# eval.py run: {settings['n']} images of {settings['images']}, code "
              f"{settings['code']}", "",
              f"model {settings['model']}, {settings['size']} px, seed {settings['seed']} + "
-             f"image index, sigma_y {settings['sigma_y']}, {settings['dtype']} on "
+             f"image index, sigma_y {settings['sigma_y']}, eta {settings['eta']}"
+             f"{' (PF-ODE)' if settings['eta'] == 0 else ''}, {settings['dtype']} on "
              f"{settings['device']}, batch {settings['batch']}", ""]
     lines += ["- time (s): sampling and decoding per image (batch time / batch), the mean over "
               "images; peak memory per image in its JSON record",
               "- y RMSE: the measurement fit, RMS of A(x) - y on [-1, 1] pixels (x the "
               "restoration before 8-bit rounding)"] + \
         convention_lines(names, job.kid_subset) + [""]
-    head = ["method"] + [f"{op} {c}" for op in ops for c in ["time (s)"] +
+    head = ["method"] + [f"{operators.short_name(op)} {c}" for op in ops for c in ["time (s)"] +
                          [LABELS[n] for n in names] + ["y RMSE"]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         row = [m]
         for op in ops:
-            s = table[f"{op}/{m}"]
+            s = table[f"{operators.short_name(op)}/{m}"]
             row += [f"{s['seconds']:.1f}"] + [cell(s, n) for n in names] + [cell(s, "y_rmse")]
         lines.append("| " + " | ".join(row) + " |")
     if left_out:
@@ -478,8 +496,9 @@ def grid(job: RunSettings, op: str, methods, images) -> Image.Image:
     """Fig. 6: a row per image (the first --grid), measurement | each method | reference."""
     rows, titles = [], []
     for _, stem, _ in images[:job.grid]:
-        paths = [os.path.join(job.out, op, "measurement", stem + ".png")] + \
-            [os.path.join(job.out, op, m, stem + ".png") for m in methods] + \
+        folder = os.path.join(job.out, operators.short_name(op))
+        paths = [os.path.join(folder, "measurement", stem + ".png")] + \
+            [os.path.join(folder, m, stem + ".png") for m in methods] + \
             [os.path.join(job.out, "reference", stem + ".png")]
         images = [Image.open(p) for p in paths]
         grow = max(1, 128 // images[0].width)  # small images drawn at 128 px or more
@@ -498,9 +517,6 @@ def run(images: str, out: str, **settings) -> dict:
     grid per operator; -> {"table", "settings", "left_out", "markdown", "restored": batches
     restored here} (other ranks: only "restored")."""
     job = RunSettings(images=images, out=out, **settings)
-    for o in job.ops:
-        if o not in operators.OPERATORS:
-            raise ValueError(f"unknown --op {o}; choose from {', '.join(operators.OPERATORS)}")
     check_methods(job)
     checks = [(job.n >= 1, f"--n must be >= 1, got {job.n}"),
               (job.batch >= 1, f"--batch must be >= 1, got {job.batch}"),
@@ -522,7 +538,8 @@ def run(images: str, out: str, **settings) -> dict:
     settings = dict(images=os.path.abspath(job.images), n=len(images),
                     images_sha256=images_sha256(images),
                     model=os.path.abspath(job.model), prediction=job.prediction,
-                    size=job.size, steps=job.steps, seed=job.seed, sigma_y=job.sigma_y,
+                    size=job.size, steps=job.steps, eta=job.eta, knobs=job.knobs or None,
+                    seed=job.seed, sigma_y=job.sigma_y,
                     dtype=job.dtype, cse={op: os.path.abspath(job.cse[op]) for op in job.ops
                                           if job.cse.get(op)} or None,
                     batch=job.batch, metrics=",".join(job.metrics), zeta=job.zeta or None,
@@ -557,7 +574,7 @@ def run(images: str, out: str, **settings) -> dict:
                                                         left_out=left_out))
     if job.grid:
         for op in job.ops:
-            cli.write_atomic(os.path.join(job.out, op, "grid.png"),
+            cli.write_atomic(os.path.join(job.out, operators.short_name(op), "grid.png"),
                              grid(job, op, job.methods, images).save)
     return dict(table=table, settings=settings, left_out=left_out, markdown=text,
                 restored=len(work))
@@ -597,6 +614,8 @@ def command_line() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
     r.add_argument("--steps", type=int, help="sampling steps for every method, DMAP (same) "
                    "half of them (default: the paper's, 500 and 250)")
+    r.add_argument("--eta", type=float, default=1.0, help="ancestral noise of every method: 1 "
+                   "DDPM, 0 DDIM (the PF-ODE of Table 9)")
     r.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise std on [-1, 1]")
     r.add_argument("--batch", type=int, default=1, help="images restored at once (a batch "
                    "shares the seed of its first image)")
@@ -611,7 +630,7 @@ def command_line() -> argparse.ArgumentParser:
                    "OP=PATH,... one per operator)")
     for q in (s, r):
         q.add_argument("--metrics", default=",".join(METRICS), help="comma list of "
-                       f"{', '.join(METRICS)}")
+                       f"{', '.join(KNOWN)} (miou: run, with an operator that segments)")
         q.add_argument("--metric-weights", help="folder of the LPIPS and FID weight files "
                        "(default: $TORCH_HOME/hub/checkpoints, downloaded there if missing)")
         q.add_argument("--kid-subset", type=int, default=1000, help="KID subset size")
@@ -645,7 +664,8 @@ def run_command(args) -> str:
     cse_paths = {} if not args.cse else cli.parse_map(args.cse, "--cse") if "=" in args.cse \
         else dict.fromkeys(ops, args.cse)
     result = run(args.images, args.out, ops=ops, methods=listed(args.methods), n=args.n,
-                 steps=args.steps, sigma_y=args.sigma_y, batch=args.batch, grid=args.grid,
+                 steps=args.steps, eta=args.eta, sigma_y=args.sigma_y, batch=args.batch,
+                 grid=args.grid,
                  checkpointing=args.checkpointing,
                  zeta=cli.parse_map(args.zeta, "--zeta", float), cse=cse_paths,
                  operator={k: getattr(args, k) for k in dmap.OPERATOR_FLAGS

@@ -5,7 +5,8 @@ torchmetrics' default pools the squared error over all images instead, which giv
 numbers); (2) SSIM (Wang et al., IEEE TIP 2004): an 11 x 11 Gaussian window of std 1.5, on each
 RGB channel, K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the pixels whose
 window lies inside the image. Both equal scikit-image's `skimage.metrics` with the settings
-named in each docstring (tests/test_metrics.py); (3) the Frechet distance and KID between two
+named in each docstring (tests/test_metrics.py); then mIoU, of two label maps (Table 10, right:
+the segmentation network as the operator); (3) the Frechet distance and KID between two
 sets of features, the distances FID and KID compute on Inception features (tested against
 closed forms and pytorch-fid's sqrtm form), and the sliced Wasserstein distance between two
 sample sets; (4) the two networks of LPIPS and FID, written in plain torch with the layer
@@ -61,6 +62,25 @@ def ssim(a: np.ndarray, b: np.ndarray, K1: float = 0.01, K2: float = 0.03) -> fl
     C1, C2 = K1**2, K2**2  # data range 1
     s = ((2 * mx * my + C1) * (2 * cxy + C2)) / ((mx**2 + my**2 + C1) * (vx + vy + C2))
     return s.mean().item()
+
+
+def miou(pred, target, classes=None) -> float:
+    """Mean intersection over union of two integer label maps (H, W) (numpy or torch), the
+    segmentation score of Table 10 (right) of Xu et al.: IoU_c = |pred = c and target = c| /
+    |pred = c or target = c|, averaged over the classes c present in either map (of `classes`
+    only, if given: an iterable of labels)."""
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.ndim != 2 or pred.shape != target.shape:
+        raise ValueError(f"miou needs two label maps (H, W) of one shape, got "
+                         f"{tuple(pred.shape)}, {tuple(target.shape)}")
+    present = torch.cat([pred.flatten(), target.flatten()]).unique()
+    if classes is not None:
+        present = present[torch.isin(present, torch.as_tensor(list(classes)))]
+    if len(present) == 0:
+        raise ValueError(f"miou: none of the classes {list(classes)} occurs in either map")
+    p, t = (v[None] == present[:, None, None] for v in (pred, target))  # (classes, H, W)
+    iou = (p & t).sum((1, 2)).double() / (p | t).sum((1, 2))
+    return iou.mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +400,9 @@ class FIDInception(nn.Module):
 # (5) The tables' conventions, and the scorer of one image pair (eval.py)
 # ---------------------------------------------------------------------------------------------
 
-METRICS = ("psnr", "ssim", "lpips", "fid", "kid", "sw")
+METRICS = ("psnr", "ssim", "lpips", "fid", "kid", "sw")  # eval.py's default --metrics
+# Every metric eval.py knows: mIoU needs the operator, so eval.py run computes it (Run.restore)
+KNOWN = METRICS + ("miou",)
 CONVENTIONS = {
     "psnr": "PSNR (dB): the mean over images of per-image PSNR on 8-bit images scaled to [0, 1] "
             "(the authors' fid.py; torchmetrics' default pools the error over images instead)",
@@ -395,9 +417,12 @@ CONVENTIONS = {
     "sw": "SW (x 1e2): sliced Wasserstein distance, the mean over 100 random directions of the "
           "1-D W1 between restored and reference images as vectors of [0, 1] pixels, the images "
           "box-filtered to at most 64 px a side first (no network, no download; ours)",
+    "miou": "mIoU: mean over classes present of the intersection over union of argmax A(x) and "
+            "argmax y, the operator's class scores (B, C, h, w) of the restoration x (before "
+            "8-bit rounding) and the measurement (Table 10, right), the mean over images",
 }
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID x1e3",
-          "sw": "SW x1e2"}
+          "sw": "SW x1e2", "miou": "mIoU"}
 SW_SIDE = 64  # SW's images are box-filtered to at most this side: vectors of 3 x 64 x 64
 
 
@@ -418,12 +443,13 @@ def as_tensor(image: np.ndarray, device) -> torch.Tensor:
 
 class Scorer:
     """The per-image metrics (PSNR, SSIM, LPIPS) and Inception features (for FID, KID) of the
-    metrics named; the networks load once, before any slow work, and only if asked for."""
+    metrics named; the networks load once, before any slow work, and only if asked for. mIoU is
+    accepted, but needs the operator: the caller computes it (eval.py Run.restore)."""
 
     def __init__(self, names, weights: str | None = None, device="cpu"):
-        unknown = set(names) - set(METRICS)
+        unknown = set(names) - set(KNOWN)
         if unknown or not names:
-            raise ValueError(f"--metrics takes a comma list of {', '.join(METRICS)}; got "
+            raise ValueError(f"--metrics takes a comma list of {', '.join(KNOWN)}; got "
                              f"{','.join(names) or 'nothing'}")
         self.names, self.device = list(names), device
         try:
@@ -466,12 +492,12 @@ def mean_interval(values) -> dict:
 
 def summarize(per_image: list[dict], names, kid_subset, features=(None, None),
               pixels=(None, None)) -> dict:
-    """Each metric over a set of pairs: means with intervals (the per-image ones and, in a run,
-    the measurement fit y_rmse); FID and KID from the Inception features (ref, pred), SW from
-    the sw_pixels vectors (ref, pred)."""
+    """Each metric over a set of pairs: means with intervals (the per-image ones the records
+    hold, and in a run the measurement fit y_rmse and mIoU); FID and KID from the Inception
+    features (ref, pred), SW from the sw_pixels vectors (ref, pred)."""
     out = {m: mean_interval([r[m] for r in per_image]) for m in ("psnr", "ssim", "lpips",
-                                                                 "y_rmse")
-           if m in names or (m == "y_rmse" and m in per_image[0])}
+                                                                 "miou", "y_rmse")
+           if m in per_image[0] and (m in names or m == "y_rmse")}
     ref_features, pred_features = features
     if "sw" in names and pixels[0] is not None:
         a, b = (torch.from_numpy(np.stack(v)) for v in pixels)
@@ -500,7 +526,7 @@ def cell(summary: dict, metric: str) -> str:
         return f"{1e2 * s['value']:.3f}"
     if metric == "kid":
         return f"{1e3 * s['mean']:.2f} ± {1e3 * s['std']:.2f}"
-    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "y_rmse": 4}[metric]
+    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "miou": 4, "y_rmse": 4}[metric]
     ci = "" if s["ci95"] is None else f" ± {s['ci95']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{ci}"
 

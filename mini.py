@@ -45,6 +45,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+import ablations
 import cse
 import dmap
 import eval as evaluation
@@ -214,7 +215,8 @@ def train(what: str, model: str, images: str, out: str, s: Settings, **settings)
                      batch=s.prior_batch if unet_run else s.cse_batch,
                      micro_batch=s.prior_batch if unet_run else s.cse_batch,
                      lr=s.prior_lr if unet_run else s.cse_lr, lr_schedule="cosine",
-                     checkpoint_every=100, validate_every=0, **settings)
+                     checkpoint_every=100 if unet_run else max(1, s.cse_steps // 4),
+                     validate_every=0, **settings)  # a CSE's quarters: Table 7
 
 
 def train_prior(out: str, s: Settings) -> dict:
@@ -259,14 +261,20 @@ def restore(images: str, out: str, s: Settings, prior: str, ops, methods, zeta: 
             cses: dict | None = None, scoring: dict | None = None, quiet=False) -> dict:
     """eval.run (resumed where it stopped) -> its table (quiet: without printing it); scoring:
     its metrics and metric_weights (default: PSNR only)."""
-    operator = {k: v for op in ops for k, v in s.ops[op].items()}
-    result = evaluation.run(images, out, ops=tuple(ops), methods=tuple(methods), model=prior,
-                            size=s.size, steps=s.steps, batch=s.batch, seed=s.seed,
-                            device="cpu", grid=6, zeta=zeta or {}, cse=cses or {},
-                            operator=operator, **(scoring or dict(metrics=("psnr",))))
+    result = evaluation.run(images, out, methods=tuple(methods), grid=6, cse=cses or {},
+                            **run_settings(s, prior, ops, zeta, scoring))
     if not quiet:
         print(result["markdown"])
     return result["table"]
+
+
+def run_settings(s: Settings, prior: str, ops, zeta: dict, scoring: dict | None) -> dict:
+    """What every eval.run of the experiment shares: the prior, its size, steps, batch and seed,
+    the operators' settings, the tuned zeta, the metrics (default: PSNR only)."""
+    return dict(ops=tuple(ops), model=prior, size=s.size, steps=s.steps, batch=s.batch,
+                seed=s.seed, device="cpu", zeta=zeta or {},
+                operator={k: v for op in ops for k, v in s.ops[op].items()},
+                **(scoring or dict(metrics=("psnr",))))
 
 
 def tune(out: str, s: Settings, prior: str) -> dict:
@@ -324,6 +332,36 @@ def table6(out: str, s: Settings, prior: str, cses: dict, zeta: dict, scoring: d
                         {"sr": cses[f"sr-{n}"]}, scoring)
         rows[str(n)] = {key.split("/")[1]: v for key, v in table.items()}
     return rows
+
+
+def ablation(name: str, out: str, s: Settings, prior: str, cells: dict, zeta: dict,
+             scoring: dict) -> dict:
+    """One of the paper's ablations (ablations.py) on SR over the test crops; {cell: summary}."""
+    return ablations.ablation(os.path.join(out, "data", "test"), os.path.join(out, name), cells,
+                              title=ablations.TITLES[name],
+                              **run_settings(s, prior, ["sr"], zeta, scoring))["rows"]
+
+
+def table5(out: str, s: Settings, prior: str, zeta: dict, scoring: dict) -> dict:
+    """Table 5 at the budget of s.steps (rounded down to a multiple of 4) guided calls."""
+    return ablation("table5", out, s, prior, ablations.table5_cells(s.steps - s.steps % 4), zeta,
+                    scoring)
+
+
+def table7(out: str, s: Settings, prior: str, cses: dict, zeta: dict, scoring: dict) -> dict:
+    """Table 7: DPS + CSE with the 100-crop SR CSE after a quarter, half and all its steps (the
+    checkpoints there; a run trained before the quarters were kept: every one it has)."""
+    run = os.path.dirname(cses[f"sr-{s.cse_images[1]}"])
+    quarters = [max(1, s.cse_steps // 4), max(1, s.cse_steps // 2), s.cse_steps]
+    have = all(os.path.isdir(os.path.join(run, f"checkpoint-{n}")) for n in quarters)
+    return ablation("table7", out, s, prior, ablations.table7_cells(
+        run, "sr", quarters if have else None), zeta, scoring)
+
+
+def table9(out: str, s: Settings, prior: str, zeta: dict, scoring: dict) -> dict:
+    """Table 9 (right): DPS, DSG and DMAP with ancestral steps and with the PF-ODE."""
+    return ablation("table9", out, s, prior, ablations.table9_cells(("dps", "dsg", "dmap")), zeta,
+                    scoring)
 
 
 def observe(out: str, s: Settings, prior: str, cses: dict, zeta: dict) -> dict:
@@ -467,12 +505,42 @@ def markdown(s: Settings, r: dict, seconds: dict, out: str) -> str:
         for m, summary in by_size[crops].items():
             lines.append(f"| {crops} | {m} | " + " | ".join(
                 metrics.cell(summary, k) for k in ("psnr", "ssim", "sw", "y_rmse")) + " |")
+    lines += [""] + ablation_lines(r, included)
     lines += ["", included(os.path.join("observe", "observations.md")), "## Figures", ""]
     observed = sorted(f for f in os.listdir(os.path.join(out, "observe")) if f.endswith(".png"))
     lines += [f"![{path}]({path})" for path in ("prior_loss.png", "prior_samples.png",
                                                *(f"eval/{op}/grid.png" for op in s.ops),
                                                *(f"observe/{f}" for f in observed))]
     return "\n".join(lines) + "\n"
+
+
+def ablation_lines(r: dict, included) -> list[str]:
+    """Tables 5, 7 and 9 in miniature, each with what it shows in one plain sentence (mean PSNR
+    over the test crops; the paper's own numbers are at 512 px on ImageNet)."""
+    def psnr(table, cell):
+        return r[table][cell]["psnr"]["mean"]
+
+    t5 = r["table5"]
+    best = max((c for c in t5 if c.startswith("DMAP")), key=lambda c: psnr("table5", c))
+    dps = next(c for c in t5 if c.startswith("DPS"))
+    first, last = list(r["table7"])[0], list(r["table7"])[-1]
+    a, b = psnr("table5", best), psnr("table5", dps)
+    c, d = psnr("table7", first), psnr("table7", last)
+    said = {
+        "table5": f"At one budget, DMAP's best split is {best} ({a:.2f} dB) against {dps}'s "
+                  f"{b:.2f} dB: the paper's claim that DMAP beats DPS at the same cost "
+                  + ("holds here." if a > b else "does not hold here."),
+        "table7": f"DPS + CSE goes from {c:.2f} dB ({first}) to {d:.2f} dB ({last}): more "
+                  "training of the CSE " + ("helps, as in the paper." if d > c else
+                                            "does not help here, unlike the paper."),
+        "table9": "Ancestral minus PF-ODE: " + ", ".join(
+            f"{m} {psnr('table9', m + ' ancestral') - psnr('table9', m + ' PF-ODE'):+.2f} dB"
+            for m in ("dps", "dsg", "dmap")) + "."}
+    lines = []
+    for name in ("table5", "table7", "table9"):
+        lines += [f"## {ablations.TITLES[name]} (in miniature, SR)", "", said[name], "",
+                  included(os.path.join(name, "table.md")).split("\n", 2)[2]]
+    return lines
 
 
 def cpu_name() -> str:
@@ -571,7 +639,8 @@ def prior_card(r: dict, s: Settings, operators: dict, zeta: dict) -> str:
 # (7) The command line
 # ---------------------------------------------------------------------------------------------
 
-STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "observe")
+STAGES = ("data", "prior", "cse", "tune", "eval", "table6", "table5", "table7", "table9",
+          "observe")
 
 
 def stage(name: str, out: str, s: Settings, r: dict, scoring: dict):
@@ -592,6 +661,12 @@ def stage(name: str, out: str, s: Settings, r: dict, scoring: dict):
         return evaluate(out, s, prior, cses, zeta, scoring)
     if name == "table6":
         return table6(out, s, prior, cses, zeta, scoring)
+    if name == "table5":
+        return table5(out, s, prior, zeta, scoring)
+    if name == "table7":
+        return table7(out, s, prior, cses, zeta, scoring)
+    if name == "table9":
+        return table9(out, s, prior, zeta, scoring)
     return observe(out, s, prior, cses, zeta)
 
 

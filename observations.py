@@ -256,8 +256,7 @@ def draw_observations(done, maps) -> dict:
 
 def add_arguments(o: argparse.ArgumentParser) -> None:
     o.add_argument("--image", required=True, help="the reference image of the measurement")
-    o.add_argument("--op", default="sr", choices=list(dmap.operators.OPERATORS),
-                   help="operator")
+    o.add_argument("--op", default="sr", help=f"operator: {dmap.OP_HELP}")
     o.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
     o.add_argument("--cse", required=True, help="a trained CSE: the reference conditional "
                    "score")

@@ -6,15 +6,41 @@ sigma_y = 0); `hint(y)` is the degraded image at full size, the ControlNet input
 `adjoint(y)` exists only on the linear operators and is their true adjoint, <A x, y> = <x, A* y>.
 Kernels and masks are buffers built on CPU at construction, so they follow `.to(device, dtype)`.
 
+Your own operator (the paper's Table 10, right: a network as A, e.g. a segmentation network):
+`--op FILE.py:CLASS` (dmap.py, eval.py run, cse.py train; in Python the op of
+dmap.make_operator and dmap.restore) imports FILE.py and builds CLASS. The contract:
+- CLASS is a torch.nn.Module; the easy path is a subclass of Operator (below), which brings the
+  defaults. It is built on CPU as CLASS(size=S), S the image side in pixels, with seed=SEED
+  too if its __init__ takes `seed`; then put in eval mode with its parameters frozen (guidance
+  differentiates with respect to x only) and moved with .to(device).
+- forward(x): images (B, 3, S, S) in [-1, 1], float32 -> y, a tensor of any shape with the
+  batch first, differentiable in x (the samplers follow the gradient of ||A(x) - y||).
+- Optional: adjoint(v), for a linear A only (PSLD needs it); hint(y), an image (B, 3, S, S) in
+  [-1, 1] of the measurement, which the CSE takes and the panels and measurement files show;
+  measure(x, sigma_y, generator), by default y = forward(x) + sigma_y * noise.
+- hint's default (Operator.hint, `picture`): y itself when it is such an image; else a picture
+  of it: 3 channels resized to S (bicubic), 1 channel as grey, (B, C, h, w) scores of C classes
+  as the argmax label map in the PASCAL VOC colours, any other shape mid-grey.
+- A plain nn.Module is wrapped (Plugin): its forward, and its adjoint, hint and measure if it
+  has them, else Operator's. Files and folders name the operator by CLASS (short_name).
+- Checked when built, on a random (2, 3, S, S) batch; each failure is one ValueError line: no
+  such file, an import that fails, no such class, not an nn.Module, a build that fails, a
+  forward that fails or returns no tensor, NaN or inf, or no gradient with respect to x.
+
 Reading order: (1) the base class; (2) SR (MATLAB bicubic); (3) Gaussian and motion blur;
-(4) nonlinear blur (bkse KernelWizard); (5) inpainting; the registry OPERATORS at the bottom.
+(4) nonlinear blur (bkse KernelWizard); (5) inpainting; the registry OPERATORS; (6) your own
+operator, FILE.py:CLASS.
 Sources: the official code `op.py` and DPS2022 `guided_diffusion/measurements.py`,
 `util/resizer.py`, `util/img_utils.py`, as described in docs/official_code.md §6 and
 docs/sd2_formats.md §5.3.
 """
 
+import importlib.util
+import inspect
 import math
 import os
+import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +82,39 @@ class Operator(nn.Module):
         return y + sigma_y * noise
 
     def hint(self, y: torch.Tensor) -> torch.Tensor:
-        """The CSE hint: the degraded image at full size (for blurs and masks, y itself)."""
-        return y
+        """The CSE hint, an image of y at full size: for blurs and masks y itself; for other
+        measurements (your own operator's) the `picture` of y."""
+        return picture(y, self.size)
+
+
+def voc_colours(n: int) -> torch.Tensor:
+    """The first n PASCAL VOC label colours (VOCdevkit's labelcolormap: the bits of class i
+    dealt to R, G, B from the top bit down), (n, 3) in [-1, 1]."""
+    colours = torch.zeros(n, 3)
+    for i in range(n):
+        c, bit = i, 7
+        while c:
+            for k in range(3):
+                colours[i, k] += ((c >> k) & 1) << bit
+            c, bit = c >> 3, bit - 1
+    return colours / 127.5 - 1
+
+
+def picture(y: torch.Tensor, size: int) -> torch.Tensor:
+    """A (B, 3, size, size) image in [-1, 1] of a measurement y (B, ...), Operator.hint's
+    default: y itself if it is one; 3 channels resized (bicubic), 1 channel as grey; C class
+    scores (B, C, h, w) as the colours of their argmax (nearest); other shapes mid-grey."""
+    if y.ndim != 4:
+        return y.new_zeros(len(y), 3, size, size)
+    if y.shape[1] in (1, 3):
+        image = y.expand(-1, 3, -1, -1)
+        mode = "bicubic"
+    else:
+        image = voc_colours(y.shape[1]).to(y)[y.argmax(1)].permute(0, 3, 1, 2)
+        mode = "nearest"
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image, size=(size, size), mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,3 +537,112 @@ OPERATORS = {
     "inpaint": Inpaint,
     "inpaint_random": InpaintRandom,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) Your own operator: FILE.py:CLASS (the contract is in the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+class Plugin(Operator):
+    """A plain nn.Module `net` as an Operator: its forward, and its adjoint, hint and measure
+    where it has them (else Operator's)."""
+
+    def __init__(self, net: nn.Module, size: int):
+        super().__init__(size)
+        self.net = net
+        for name in ("adjoint", "hint", "measure"):
+            if callable(getattr(net, name, None)):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x):
+        self.check(x)
+        return self.net(x)
+
+
+def plugin_spec(op: str) -> tuple[str, str] | None:
+    """(FILE.py, CLASS) of an operator named FILE.py:CLASS, else None."""
+    path, _, name = op.rpartition(":")
+    return (path, name) if path.endswith(".py") and name.isidentifier() else None
+
+
+def short_name(op: str) -> str:
+    """The name that files, folders and records give an operator: its registry key, or the
+    CLASS of FILE.py:CLASS."""
+    spec = plugin_spec(op)
+    return op if spec is None else spec[1]
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load_plugin(op: str, size: int, seed: int = 0) -> tuple[Operator, dict]:
+    """Operator FILE.py:CLASS for size x size images, built, frozen and checked as the module
+    docstring says; -> (operator, {"file", "class", and the keywords it was built with})."""
+    path, name = plugin_spec(op)
+    what = f"--op {op}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: {path}: no such file")
+    path = os.path.abspath(path)
+    module_name = "operator_plugin_" + re.sub(r"\W", "_", path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as `import` does: dataclasses and pickle look it up
+    sys.path.insert(0, os.path.dirname(path))  # the file may import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise ValueError(f"{what}: importing {path} failed: {first_line(e)}") from None
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        found = [k for k, v in vars(module).items() if isinstance(v, type)
+                 and issubclass(v, nn.Module) and v.__module__ == module_name]
+        raise ValueError(f"{what}: {path} defines no class {name} (its nn.Module classes: "
+                         f"{', '.join(found) or 'none'})")
+    if not issubclass(cls, nn.Module):
+        raise ValueError(f"{what}: {name} is not a torch.nn.Module; subclass operators.Operator")
+    kwargs = {"size": size}
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs["seed"] = seed
+    call = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    try:
+        net = cls(**kwargs)
+    except Exception as e:
+        raise ValueError(f"{what}: {call} failed: {first_line(e)}") from None
+    operator = (net if isinstance(net, Operator) else Plugin(net, size)).eval()
+    operator.requires_grad_(False)
+    check_plugin(operator, f"{what}: {name}", size)
+    return operator, {"file": path, "class": name, **kwargs}
+
+
+def check_plugin(operator: Operator, what: str, size: int) -> None:
+    """ValueError unless forward maps a random (2, 3, size, size) batch in [-1, 1] to a finite
+    tensor with the batch first that has a gradient with respect to the batch."""
+    x = (torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    x.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            y = operator(x)
+    except Exception as e:
+        raise ValueError(f"{what} failed on a (2, 3, {size}, {size}) test batch in [-1, 1]: "
+                         f"{first_line(e)}") from None
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{what} returned a {type(y).__name__}, not a torch.Tensor")
+    if y.ndim == 0 or len(y) != 2:
+        raise ValueError(f"{what} returned shape {tuple(y.shape)} for a batch of 2: the batch "
+                         "must come first")
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{what} returned NaN or inf on a test batch in [-1, 1]")
+    try:
+        grad = torch.autograd.grad(y.sum(), x, allow_unused=True)[0] if y.requires_grad else None
+    except Exception as e:
+        raise ValueError(f"{what}: its backward pass failed: {first_line(e)}") from None
+    if grad is None:
+        raise ValueError(f"{what} is not differentiable: its output has no gradient with respect "
+                         "to the image (keep it in torch: no .detach(), numpy or argmax)")

@@ -1,4 +1,4 @@
-"""The Stable Diffusion 2.0 UNet (epsilon / v prediction), built by loops from a config.
+"""The Stable Diffusion 1.x / 2.x UNet (epsilon / v prediction), built by loops from a config.
 
 Reading order: (1) the config; (2) the blocks; (3) the UNet; (4) loading the diffusers folder
 and the LDM single-file layouts (checkpoint.py reads the files).
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from checkpoint import find_weights, load_state, read_config
+from checkpoint import find_weights, load_state, open_checkpoint, read_config
 
 # ---------------------------------------------------------------------------------------------
 # (1) The config
@@ -31,7 +31,8 @@ class UNetConfig:
     layers_per_block: int = 2  # resnets per down level; an up level has one more
     # Attention heads per level: diffusers' misnamed `attention_head_dim` list is this HEAD COUNT
     # (unet_2d_condition.py: num_attention_heads = attention_head_dim); head dim = width / heads,
-    # 64 everywhere in SD 2. The mid block uses the last entry, the up levels the reversed list.
+    # 64 everywhere in SD 2; SD 1.x has 8 heads at every level (head dims 40, 80, 160, 160).
+    # The mid block uses the last entry, the up levels the reversed list.
     num_heads: tuple[int, ...] = (5, 10, 20, 20)
     # Down levels with a transformer after each resnet (CrossAttnDownBlock2D); the up levels
     # mirror it and the mid block always has one.
@@ -39,14 +40,17 @@ class UNetConfig:
     cross_attention_dim: int = 1024  # width of the text context (OpenCLIP ViT-H/14)
     norm_num_groups: int = 32  # GroupNorm groups, resnets and transformers alike
     norm_eps: float = 1e-5  # resnet and output GroupNorm eps (transformer GN 1e-6, LN 1e-5: fixed)
+    # diffusers' use_linear_projection: the transformers' proj_in/proj_out are Linear layers on
+    # the tokens (SD 2.x, true) or 1x1 convs on the map (SD 1.x, false: diffusers' default)
+    linear_projection: bool = True
 
     @classmethod
     def from_diffusers(cls, cfg: dict, path: str = "unet config.json") -> "UNetConfig":
         """Read a diffusers UNet2DConditionModel config.json (`path`, named in errors); reject
         what this UNet cannot build."""
         def fail(what):
-            raise ValueError(f"{path}: {what}; only Stable Diffusion 2.x UNets "
-                             "(UNet2DConditionModel, linear projections) are supported")
+            raise ValueError(f"{path}: {what}; only Stable Diffusion 1.x / 2.x UNets "
+                             "(UNet2DConditionModel) are supported")
 
         # A ControlNetModel config describes the same encoder half (a ControlNet copies it).
         if cfg.get("_class_name") not in (None, "UNet2DConditionModel", "ControlNetModel"):
@@ -61,8 +65,6 @@ class UNetConfig:
             fail(f"up_block_types {up} do not mirror down_block_types {down}")
         if not isinstance(cfg.get("layers_per_block", 2), int):
             fail("layers_per_block is a list")
-        if not cfg.get("use_linear_projection", False):  # SD 1.x: 1x1-conv proj_in/proj_out
-            fail("use_linear_projection is not true")
         for key, want in _DIFFUSERS_FIXED.items():
             got = cfg.get(key, want)
             if got != want and got != [want] * n:
@@ -81,6 +83,7 @@ class UNetConfig:
             cross_attention_dim=cfg.get("cross_attention_dim", 1280),
             norm_num_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
+            linear_projection=bool(cfg.get("use_linear_projection", False)),
         )
         chans = config.block_out_channels
         if len(chans) != n or len(heads) != n:
@@ -101,7 +104,8 @@ class UNetConfig:
                 "block_out_channels": list(self.block_out_channels),
                 "layers_per_block": self.layers_per_block,
                 "attention_head_dim": list(self.num_heads),  # head counts, see num_heads
-                "cross_attention_dim": self.cross_attention_dim, "use_linear_projection": True,
+                "cross_attention_dim": self.cross_attention_dim,
+                "use_linear_projection": self.linear_projection,
                 "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps}
 
 
@@ -125,6 +129,9 @@ _DIFFUSERS_FIXED = {
 }
 
 SD2_UNET = UNetConfig()  # stable-diffusion-2-base and -2 (768-v): the same network
+# stable-diffusion-v1-5 unet/config.json: attention_head_dim 8 (8 heads everywhere), cross-attention
+# width 768 (CLIP ViT-L/14), use_linear_projection absent = false (docs/sd2_formats.md §8)
+SD15_UNET = UNetConfig(num_heads=(8, 8, 8, 8), cross_attention_dim=768, linear_projection=False)
 # Tiny SD2-shaped UNet for tests: same block types, 12 skips, head dim 16.
 TINY = UNetConfig(block_out_channels=(32, 64, 64, 64), num_heads=(2, 4, 4, 4),
                   cross_attention_dim=48, norm_num_groups=8)
@@ -241,22 +248,31 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """diffusers Transformer2DModel with use_linear_projection (LDM SpatialTransformer)."""
+    """diffusers Transformer2DModel (LDM SpatialTransformer). proj_in/proj_out: Linear layers on
+    the tokens (use_linear_projection, SD 2.x) or 1x1 convs on the map before / after the
+    tokens (SD 1.x), as transformer_2d.py _operate_on_continuous_inputs orders them."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, groups: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, groups: int, linear: bool = True):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim)
+        self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, context_dim, heads)])
-        self.proj_out = nn.Linear(dim, dim)
+        self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
-        h = self.proj_in(h)
+        if self.linear:
+            h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+            h = self.proj_in(h)
+        else:
+            h = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.linear:
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
         return x + h
 
 
@@ -283,7 +299,8 @@ class Upsample(nn.Module):
 
 
 def _transformer(cfg: UNetConfig, dim: int, heads: int) -> SpatialTransformer:
-    return SpatialTransformer(dim, cfg.cross_attention_dim, heads, cfg.norm_num_groups)
+    return SpatialTransformer(dim, cfg.cross_attention_dim, heads, cfg.norm_num_groups,
+                              cfg.linear_projection)
 
 
 class DownBlock(nn.Module):
@@ -413,7 +430,7 @@ class UNetEncoder(nn.Module):
 
 
 class UNet(UNetEncoder):
-    """diffusers UNet2DConditionModel for Stable Diffusion 2.x (LDM openaimodel.UNetModel)."""
+    """diffusers UNet2DConditionModel for Stable Diffusion 1.x / 2.x (LDM openaimodel.UNetModel)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
@@ -423,7 +440,8 @@ class UNet(UNetEncoder):
         self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x, t, context, residuals=None):
-        """x (B, 4, h, w) latents, t timesteps, context (B, 77, 1024) -> eps (or v), x's shape.
+        """x (B, 4, h, w) latents, t timesteps, context (B, 77, 1024 (SD 1.x: 768)) -> eps (or v),
+        x's shape.
 
         residuals: None or (down, mid), ControlNet residuals added as diffusers adds
         down_block_additional_residuals (to every skip, before the mid block) and
@@ -517,13 +535,38 @@ def ldm_unet_key(key: str, layers_per_block: int = 2) -> str | None:
     return key
 
 
-def unet_from_single_file(path: str, config: UNetConfig = SD2_UNET, device=None,
+# The key whose width tells SD 1.x from 2.x: the context width of the first cross-attention, 768
+# (CLIP ViT-L/14) or 1024 (OpenCLIP ViT-H/14); diffusers' infer_diffusers_model_type reads the
+# same key (single_file_utils.py CHECKPOINT_KEY_NAMES["v2"]).
+CROSS_ATTENTION_KEY = "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def single_file_config(path: str, prefixes=("model.diffusion_model.",)) -> UNetConfig:
+    """SD15_UNET or SD2_UNET: the config whose cross-attention width the single file's UNet (or
+    a ControlNet's copy of its encoder, under another prefix) has."""
+    names = [prefix + CROSS_ATTENTION_KEY for prefix in prefixes]
+    with open_checkpoint(path) as f:
+        found = [name for name in names if name in f.keys()]
+        width = f.get_slice(found[0]).get_shape()[-1] if found else None
+    configs = {config.cross_attention_dim: config for config in (SD15_UNET, SD2_UNET)}
+    if width not in configs:
+        what = f"{found[0]} has width {width}" if found else f"{names[0]} is absent"
+        raise ValueError(f"{path}: {what}; not a Stable Diffusion 1.x (768) or 2.x (1024) "
+                         "single-file checkpoint")
+    return configs[width]
+
+
+def unet_from_single_file(path: str, config: UNetConfig | None = None, device=None,
                           dtype=None) -> UNet:
-    """The UNet of a single-file LDM checkpoint (e.g. 512-base-ema.safetensors; fp32/fp16/bf16).
+    """The UNet of a single-file LDM checkpoint (v1-5-pruned-emaonly.safetensors,
+    512-base-ema.safetensors; fp32/fp16/bf16); config None: SD 1.x's or SD 2.x's, read from the
+    file (single_file_config). The LDM names are the same for both; SD 1.x's proj_in/proj_out
+    are 1x1-conv weights (C, C, 1, 1) where SD 2.x has Linear ones (C, C).
 
     The keys do not tell 512-base (eps) from 768 (v): same config, the caller knows which it
     loaded. dtype None keeps the file's dtype.
     """
+    config = single_file_config(path) if config is None else config
     with torch.device("meta"):
         model = UNet(config)
     rename = functools.partial(ldm_unet_key, layers_per_block=config.layers_per_block)

@@ -110,7 +110,7 @@ def test_config_from_diffusers():
     ({"global_pool_conditions": True}, "global_pool_conditions"),
     ({"conditioning_embedding_out_channels": None}, "conditioning_embedding_out_channels"),
     ({"conditioning_channels": 0}, "conditioning_channels"),
-    ({"use_linear_projection": False}, "use_linear_projection"),
+    ({"only_cross_attention": True}, "only_cross_attention"),
     ({"transformer_layers_per_block": 2}, "transformer_layers_per_block"),
     ({"addition_embed_type": "text_time"}, "addition_embed_type"),
 ])

@@ -145,6 +145,23 @@ def test_quick_run_has_every_stage_and_row(quick):
         assert Image.open(out / name).width > 100
 
 
+def test_quick_run_has_tables_5_7_9(quick):
+    """Table 5 at the budget of its 16 steps, Table 7 at the quarters of the CSE's 4 steps,
+    Table 9 with each method's PF-ODE twin; each in report.md with its sentence."""
+    out, report = quick
+    assert list(report["table5"]) == ["DPS T=16", "DSG T=16", "DMAP T=16 K=1", "DMAP T=8 K=2",
+                                      "DMAP T=4 K=4"]
+    assert report["table5"]["DMAP T=4 K=4"]["sampler"]["K"] == 4
+    assert list(report["table7"]) == [f"DPS+CSE after {n} steps" for n in (1, 2, 4)]
+    assert {c: report["table9"][c]["sampler"]["eta"] for c in report["table9"]} == {
+        f"{m} {k}": e for m in ("dps", "dsg", "dmap") for k, e in (("ancestral", 1.0),
+                                                                   ("PF-ODE", 0.0))}
+    text = (out / "report.md").read_text()
+    for heading in ("## Table 5: T x K", "## Table 7: DPS + CSE", "## Table 9: ancestral"):
+        assert heading in text
+    assert "At one budget, DMAP's best split is" in text and "Ancestral minus PF-ODE" in text
+
+
 def test_quick_run_numbers_that_hold_at_any_size(quick):
     _, report = quick
     held = report["prior"]["held_out"]
@@ -248,7 +265,7 @@ def test_interrupt_says_where_and_that_a_rerun_continues(quick, tmp_path, capsys
     monkeypatch.setattr(evaluation.Run, "restore", interrupted)  # eval.py adds its detail
     assert mini.main(["--quick", "--out", str(out)]) == 130
     line = last_line()
-    assert line.startswith("interrupted in stage 4 of 7 (tune), ") and "00000_astronaut" in line
+    assert line.startswith("interrupted in stage 4 of 10 (tune), ") and "00000_astronaut" in line
     assert line.endswith("; rerun the same command to continue") and line.count("rerun") == 1
 
     def killed_cse(**settings):  # cse.py's message after a checkpoint
@@ -258,7 +275,7 @@ def test_interrupt_says_where_and_that_a_rerun_continues(quick, tmp_path, capsys
     monkeypatch.setattr(cse, "train", killed_cse)
     os.remove(out / "stages" / "cse.json")
     assert mini.main(["--quick", "--out", str(out)]) == 130
-    assert last_line() == ("interrupted in stage 3 of 7 (cse), at step 150 of 300; rerun the "
+    assert last_line() == ("interrupted in stage 3 of 10 (cse), at step 150 of 300; rerun the "
                            "same command to continue")
     monkeypatch.undo()
     shutil.copy(quick[0] / "stages" / "cse.json", out / "stages")

@@ -74,7 +74,7 @@ def test_config_from_diffusers():
 
 
 @pytest.mark.parametrize("change,key", [
-    ({"use_linear_projection": False}, "use_linear_projection"),
+    ({"attention_type": "gated"}, "attention_type"),
     ({"class_embed_type": "timestep"}, "class_embed_type"),
     ({"num_class_embeds": 10}, "num_class_embeds"),
     ({"addition_embed_type": "text_time"}, "addition_embed_type"),
@@ -206,8 +206,8 @@ def test_bad_folders(reference, tmp_path):
         load_unet(bad)
     config = json.load(open(os.path.join(folder, "config.json")))
     with open(os.path.join(bad, "config.json"), "w") as f:
-        json.dump({**config, "use_linear_projection": False}, f)
-    with pytest.raises(ValueError, match=f"{re.escape(bad)}.*config.json.*use_linear_projection"):
+        json.dump({**config, "time_embedding_type": "fourier"}, f)
+    with pytest.raises(ValueError, match=f"{re.escape(bad)}.*config.json.*time_embedding_type"):
         load_unet(bad)
 
 
