@@ -707,6 +707,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def check_op(op: str) -> None:
+    """ValueError for an operator name that is neither built in nor FILE.py:CLASS."""
+    if op not in operators.OPERATORS and operators.plugin_spec(op) is None:
+        raise ValueError(f"unknown --op {op}; choose from {OP_HELP}")
+
+
 def sampler_settings(method: str, op: str, *, model: str | None = None, steps: int | None = None,
                      zeta: float | None = None, dmap_setting: str | None = None, eta: float = 1.0,
                      **knobs) -> tuple[int, dict, str | None]:
@@ -715,6 +721,7 @@ def sampler_settings(method: str, op: str, *, model: str | None = None, steps: i
     defaults.json (`model`); then the paper's: ZETA, DMAP_SETTINGS and 500 steps. knobs: the
     method's own (KNOBS; None = its default). ValueError on nonsense and on a setting the method
     does not take (named as the command's flag, which is the keyword with dashes)."""
+    check_op(op)
     fn = SAMPLERS[method]
     params = inspect.signature(fn).parameters
     unknown = set(knobs) - set(KNOBS)
@@ -780,9 +787,7 @@ def make_operator(op: str, size: int, *, seed: int = 0, model: str | None = None
         if flags.get(name) is not None and op != applies:
             raise ValueError(f"--{name.replace('_', '-')} applies to --op {applies} only")
     if op not in operators.OPERATORS:
-        if operators.plugin_spec(op) is None:
-            raise ValueError(f"unknown --op {op}; choose from {', '.join(operators.OPERATORS)}"
-                             ", or FILE.py:CLASS for your own (operators.py's docstring)")
+        check_op(op)
         return operators.load_plugin(op, size, seed)
     cls = operators.OPERATORS[op]
     op_args = {"size": size}

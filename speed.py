@@ -550,10 +550,14 @@ def compare_with_diffusers(nets: dict, nets32: dict, x_ref, *, op: str, steps: i
             calls = [bare_call(n, kind, grad, 1, x_ref.shape[-1]) for n in (nets, twins)]
             for call in calls:  # warm-up, then ours and theirs in turn: the same machine noise
                 call()
-            times = [[seconds(call, device) for call in calls] for _ in range(steps)]
+            # at least 3 pairs; the ratio is taken pair by pair (a drift of the machine's speed
+            # moves both of a pair), its median and its range say how far to trust it
+            times = [[seconds(call, device) for call in calls] for _ in range(max(3, steps))]
             ours, theirs = (statistics.median(t) for t in zip(*times, strict=True))
+            pairs = [a / b for a, b in times]
             ratios[f"{kind} {'grad' if grad else 'fwd'}"] = dict(
-                ours_s=ours, diffusers_s=theirs, ratio=ours / theirs)
+                ours_s=ours, diffusers_s=theirs, ratio=statistics.median(pairs),
+                ratio_range=[min(pairs), max(pairs)], pairs=len(pairs))
     del twins
     row = run_steps(diffusers_twins(nets32), "dps", op, x_ref, steps, 1)
     progress(dict(row, method="dps (diffusers' models)"))
@@ -587,9 +591,10 @@ def table_markdown(report: dict) -> str:
                      f"{r['s_per_image']:.4g} | {r['images_per_s']:.3g} | {calls} |")
     if report.get("diffusers"):
         d = report["diffusers"]
-        lines += ["", "| bare call | ours s | diffusers s | ours / diffusers |",
-                  "|---|---|---|---|"]
-        lines += [f"| {k} | {v['ours_s']:.3g} | {v['diffusers_s']:.3g} | {v['ratio']:.3f} |"
+        lines += ["", "| bare call | ours s | diffusers s | ours / diffusers (median of pairs) | "
+                  "range | pairs |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['ours_s']:.3g} | {v['diffusers_s']:.3g} | {v['ratio']:.3f} | "
+                  f"{v['ratio_range'][0]:.3f}-{v['ratio_range'][1]:.3f} | {v['pairs']} |"
                   for k, v in d["calls"].items()]
         ours = next((r for r in report["rows"] if r["method"] == "dps" and r["batch"] == 1
                      and r["checkpointing"] == "none" and "error" not in r), None)

@@ -95,6 +95,9 @@ def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
     assert set(report["diffusers"]["calls"]) == {"denoiser fwd", "denoiser grad", "decoder fwd",
                                                  "decoder grad"}
     assert report["diffusers"]["dps"]["calls"] == calls["dps"]
+    for ratio in report["diffusers"]["calls"].values():  # >= 3 alternating pairs, their median
+        low, high = ratio["ratio_range"]
+        assert ratio["pairs"] == 3 and low <= ratio["ratio"] <= high
     table = capsys.readouterr().out
     assert all(f"| {m} | none |" in table for m in per_image) and "ours / diffusers" in table
     assert speed.main(argv) == 2  # the report exists: refused without --force
