@@ -42,7 +42,7 @@ def ablation(images: str, out: str, cells: dict, *, title: str, **common) -> dic
         if len(run.get("methods", ())) != 1 or len(run.get("ops", ("sr",))) != 1:
             raise ValueError(f"cell {label}: one method and one operator per cell")
         result = evaluation.run(images, os.path.join(out, folder_name(label)), grid=0, **run)
-        (key, summary), = result["table"].items()
+        (summary,) = result["table"].values()
         rows[label], settings = summary, result["settings"]
     names = list(common.get("metrics", evaluation.RunSettings.metrics))
     head = ["cell", "steps T", "sampler settings", "time (s)"] + [LABELS[n] for n in names]

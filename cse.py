@@ -377,7 +377,7 @@ def validation_images(held: list[str], train: list[str], size: int, n: int = 2) 
             or [p for p in train if min_side(p) >= size])[:n]
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # train's and generate's default
+DEVICE = dmap.DEVICE  # train's and generate's default: cuda where there is one
 
 # The widths of the diffusers hint embedding (ControlNetModel's default); a pixel-space model
 # takes as many levels as halve its side to the latent's: the first one alone

@@ -851,7 +851,7 @@ def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str 
             zeta: float | None = None, dmap_setting: str | None = None, eta: float = 1.0,
             sigma_y: float = 0.0, cse: str | None = None, prompt: str = "", seed: int = 0,
             observed: bool = False, crop: bool = True, prediction: str | None = None,
-            device: str = "cpu", dtype: str = "float32", checkpointing: str = "none",
+            device: str = DEVICE, dtype: str = "float32", checkpointing: str = "none",
             **settings) -> dict:
     """Restore one image: read it (centre crop, `size` px), synthesise y = A(x) + sigma_y noise
     (or, observed, read y itself), sample the posterior with `method`, decode. `model`: a folder

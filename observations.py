@@ -120,7 +120,7 @@ def observe(image: str, out: str, *, cse: str, model: str = dmap.DEFAULT_MODEL, 
             size: int = 512, steps: int = 50, zeta: dict | None = None,
             zetas: list | None = None, trajectories: int = 4, every: int = 1, repeats: int = 8,
             k_mean: int = 1000, k: int = 50, batch: int = 8, seed: int = 0,
-            prediction: str | None = None, dtype: str = "float32", device: str = "cpu",
+            prediction: str | None = None, dtype: str = "float32", device: str = dmap.DEVICE,
             **operator_settings) -> dict:
     """The three observations for one measurement of `image` (centre crop, `size` px, no noise)
     on the model, with the CSE `cse` as the reference conditional score. DPS at zetas (default:

@@ -478,7 +478,7 @@ def benchmark(*, methods: str | Sequence[str] = DEFAULT_METHODS, size: int = 512
                                  ("--checkpointing", settings, dmap.CHECKPOINTING)):
         if not value or any(v not in choices for v in value):
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value}")
-    device = dmap.usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dmap.usable_device(device or dmap.DEVICE)
     torch_dtype = getattr(torch, dtype)
     report = dict(machine=machine(device), size=size, dtype=dtype, steps=steps,
                   torch=torch.__version__, random_weights=model is None)
@@ -633,7 +633,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="network dtype; latents, sigmas and the guidance step stay float32 "
                    "(default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=dmap.DEVICE,
                    help="torch device (default: %(default)s)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list of {', '.join(METHODS)} (default: %(default)s)")
