@@ -234,6 +234,34 @@ def test_bad_files(reference, tmp_path):
             load_unet(bad)
 
 
+@pytest.mark.parametrize("cin,size,stride,batch,dtype,gemm", [
+    (1280, 8, 1, 1, torch.float32, True),  # SD 2's 8x8 level: im2col + one product
+    (2560, 16, 1, 1, torch.float32, True),  # an up level's first resnet at 16x16
+    (1280, 16, 2, 2, torch.float32, True),  # the downsampler to 8x8, two images
+    (2560, 8, 1, 1, torch.bfloat16, True),
+    (1280, 16, 1, 1, torch.bfloat16, False),  # 57,600 weights per position: oneDNN in 16 bits
+    (640, 16, 1, 1, torch.float32, False),  # 640 -> 1280 at 16x16: oneDNN
+    (1280, 8, 1, 4, torch.float32, True),  # 4 x 64 positions: still 57,600 per position
+])
+def test_conv3x3_is_the_convolution(cin, size, stride, batch, dtype, gemm):
+    """Conv3x3 is F.conv2d up to rounding, its gradient w.r.t. the input too, on both sides of
+    its rule; where the rule keeps oneDNN it is F.conv2d bit for bit."""
+    torch.manual_seed(0)
+    conv = unet.Conv3x3(cin, 1280, stride).to(dtype).requires_grad_(False)
+    x = torch.randn(batch, cin, size, size, dtype=dtype, requires_grad=True)
+    actual = conv(x)
+    (grad,) = torch.autograd.grad(actual, x, actual.detach())
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1)
+    (expected_grad,) = torch.autograd.grad(expected, x, expected.detach())
+    assert actual.shape == expected.shape == (batch, 1280, size // stride, size // stride)
+    # oneDNN's own numbers where the rule keeps it; another summation order where it does not
+    assert torch.equal(actual, expected) == (not gemm)
+    assert torch.equal(grad, expected_grad) == (not gemm)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(actual, expected, tol, what="Conv3x3 output")
+    assert_close(grad, expected_grad, tol, what="Conv3x3 input gradient")
+
+
 # ---------------------------------------------------------------------------------------------
 # full size, random weights
 
