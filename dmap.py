@@ -17,10 +17,12 @@ scheduler runs on latents scaled by sqrt(1 + sigma^2)), so the paper's step size
 import cli  # first: Ctrl-C while torch imports is one line (cli.py)
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -598,6 +600,30 @@ def set_checkpointing(unet_net: nn.Module, vae_net: nn.Module, which: str) -> No
     unet_net.gradient_checkpointing = which == "all"
 
 
+def compile_networks(sd: "Pipeline", *controlnets: nn.Module) -> None:
+    """Opt-in `--compile`: the networks a step calls (sd's UNet and VAE decoder, a CSE's
+    ControlNets) compiled in place by torch.compile (nn.Module.compile: same modules, same
+    weights). The first calls with and without a gradient compile (minutes on a CPU); after
+    that a step is faster or not as README, Speed, measured; the outputs differ at rounding
+    level. ValueError (one line) where it cannot work: no C++ compiler for
+    the CPU, no triton for the GPU, another device, or with activation checkpointing."""
+    nets = [sd.unet, *controlnets, *([] if sd.vae is None else [sd.vae.decoder])]
+    device = next(sd.unet.parameters()).device
+    if any(getattr(net, "gradient_checkpointing", False) for net in nets):
+        raise ValueError("--compile and --checkpointing cannot be combined: pick one")
+    if device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c):
+        raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, "
+                         "or $CXX): install one, or run without --compile")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ValueError("--compile on a GPU needs triton (pip install triton; Linux CUDA "
+                         "builds of torch bring it): install it, or run without --compile")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--compile runs on cpu or cuda, not {device.type}")
+    for net in nets:
+        net.compile()
+
+
 def encode_prompt(sd: Pipeline, prompt: str) -> torch.Tensor:
     """The (1, 77, 1024) text context ((1, 77, 768) for SD 1.x). The paper conditions on the empty
     prompt (no CFG), whose ids need no vocabulary: [bos, eos, pad x 75], pad 0 for SD 2 and eos
@@ -852,12 +878,14 @@ def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str 
             sigma_y: float = 0.0, cse: str | None = None, prompt: str = "", seed: int = 0,
             observed: bool = False, crop: bool = True, prediction: str | None = None,
             device: str = DEVICE, dtype: str = "float32", checkpointing: str = "none",
-            **settings) -> dict:
+            compile: bool = False, **settings) -> dict:
     """Restore one image: read it (centre crop, `size` px), synthesise y = A(x) + sigma_y noise
     (or, observed, read y itself), sample the posterior with `method`, decode. `model`: a folder
     or file for load_sd2, or a Pipeline already loaded (then `device`, `dtype`, `prediction`
-    and `checkpointing` are the caller's business). settings: the method's knobs (KNOBS) and the
-    operator's (OPERATOR_FLAGS), None = defaults (sampler_settings, make_operator).
+    and `checkpointing` are the caller's business); compile: compile_networks on its networks
+    and the CSE's, in place (a Pipeline passed in stays compiled). settings: the method's knobs
+    (KNOBS) and the operator's (OPERATOR_FLAGS), None = defaults (sampler_settings,
+    make_operator).
     -> {"restored", "measurement", "reference" (None when observed): (H, W, 3) uint8 images;
     "record": every setting used, PSNR, seconds}."""
     start = time.perf_counter()
@@ -890,8 +918,10 @@ def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str 
         sd = load_sd2(model, prediction, device, getattr(torch, dtype))
         set_checkpointing(sd.unet, sd.vae, checkpointing)
     context = encode_prompt(sd, prompt)
+    net, info = controlnet.load_cse(cse, op, size, device, context.dtype) if cse else (None, {})
+    if compile:
+        compile_networks(sd, *[net] if cse else [])
     if cse:
-        net, info = controlnet.load_cse(cse, op, size, device, context.dtype)
         denoiser = CSEDenoiser(sd.unet, net, context, sd.abar, operator.hint(y), sd.prediction)
         cse_record = dict(path=os.path.abspath(cse), step=info.get("step"), images=info.get("n"))
     else:
@@ -907,7 +937,7 @@ def restore(image: str, *, model: "str | Pipeline" = DEFAULT_MODEL, method: str 
                   sigma_y=None if observed else sigma_y, seed=seed, crop=crop, prompt=prompt,
                   model=os.path.abspath(path), zeta_from=zeta_from, prediction=sd.prediction,
                   device=str(device), dtype=str(context.dtype).removeprefix("torch."),
-                  checkpointing=checkpointing, cse=cse_record,
+                  checkpointing=checkpointing, compile=compile, cse=cse_record,
                   seconds=dict(load=round(loaded - start, 1), sample=round(sampled - loaded, 1),
                                total=round(time.perf_counter() - start, 1)))
     reference = None if x_ref is None else to_uint8(x_ref)
@@ -992,6 +1022,9 @@ def command_line() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="recompute activations in the backward pass: the VAE decoder's (vae) "
                    "or also the UNet's (all); less memory, more time (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE "
+                   "decoder: the first steps compile (minutes on a CPU), the others may run "
+                   "faster (README, Speed); for long runs")
     return p
 
 
@@ -1083,7 +1116,7 @@ def main(argv=None) -> int:
                          cse=args.cse, prompt=args.prompt, seed=args.seed,
                          observed=args.observed, crop=not args.no_crop,
                          prediction=args.prediction, device=args.device, dtype=args.dtype,
-                         checkpointing=args.checkpointing, **knobs)
+                         checkpointing=args.checkpointing, compile=args.compile, **knobs)
         save(paths, result)
         record = result["record"]
         quality = f"PSNR {record['psnr']} dB, " if "psnr" in record else ""

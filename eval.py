@@ -162,6 +162,7 @@ class RunSettings:
     batch: int = 1
     grid: int = 4
     checkpointing: str = "none"
+    compile: bool = False  # dmap.compile_networks; like checkpointing, not a setting of the run
     zeta: dict = field(default_factory=dict)
     cse: dict = field(default_factory=dict)
     operator: dict = field(default_factory=dict)
@@ -308,6 +309,8 @@ class Run:
                             for op in cse_ops}
         self.sd = dmap.load_sd2(job.model, job.prediction, device, dtype)
         dmap.set_checkpointing(self.sd.unet, self.sd.vae, job.checkpointing)
+        if job.compile:
+            dmap.compile_networks(self.sd, *self.controlnets.values())
         self.context = dmap.encode_prompt(self.sd, "")
 
     def denoiser(self, method: str, op_name: str, op, y):
@@ -622,6 +625,8 @@ def command_line() -> argparse.ArgumentParser:
     r.add_argument("--grid", type=int, default=4, help="images in the figure of each operator")
     r.add_argument("--checkpointing", default="none", choices=dmap.CHECKPOINTING,
                    help="recompute activations in the backward pass (dmap.py --help)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the networks; the "
+                   "first batches compile (dmap.py --help)")
     r.add_argument("--zeta", help="step sizes instead of dmap.py's defaults: a comma list of "
                    "[OP/]METHOD=VALUE (dps=1.2,sr/dmap=2.4; NAME+cse takes NAME's unless given)")
     dmap.add_operator_flags(r)
@@ -666,7 +671,7 @@ def run_command(args) -> str:
     result = run(args.images, args.out, ops=ops, methods=listed(args.methods), n=args.n,
                  steps=args.steps, eta=args.eta, sigma_y=args.sigma_y, batch=args.batch,
                  grid=args.grid,
-                 checkpointing=args.checkpointing,
+                 checkpointing=args.checkpointing, compile=args.compile,
                  zeta=cli.parse_map(args.zeta, "--zeta", float), cse=cse_paths,
                  operator={k: getattr(args, k) for k in dmap.OPERATOR_FLAGS
                            if getattr(args, k) is not None},

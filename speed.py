@@ -376,7 +376,7 @@ def run_steps(nets: dict, method: str, op_name: str, x_ref, steps: int, batch: i
     seconds, calls = record.steps(steps)
     return dict(method=method, batch=batch, steps_per_image=per_image,
                 s_per_step=statistics.median(seconds), step_seconds=seconds, calls=calls,
-                peak_mb=memory.above)
+                first_step_s=record.steps(steps + 1)[0][0], peak_mb=memory.above)
 
 
 def gradient_cosines(nets32: dict, nets: dict, x_ref, sigmas=(14.0, 1.0, 0.1)) -> dict:
@@ -457,11 +457,13 @@ def benchmark(*, methods: str | Sequence[str] = DEFAULT_METHODS, size: int = 512
               prediction: str | None = None, dtype: str = "float32", device: str | None = None,
               op: str = "sr", checkpointing: str | Sequence[str] = ("none",),
               image: str | None = None, seed: int = 0, diffusers: bool = True,
-              profile: bool = False) -> dict:
+              profile: bool = False, compile: bool = False) -> dict:
     """The benchmark (the module docstring says what is measured) -> the report: the machine,
     FLOP per call, one row per checkpointing setting, batch size and method (in that order),
     and, with `diffusers` (when it is importable), the comparison with diffusers' models;
-    `profile`: where the first method's step spends its time. methods: names of METHODS (a
+    `profile`: where the first method's step spends its time; `compile`: the methods again
+    (checkpointing none, each batch) with the networks compiled (dmap.compile_networks), the
+    compile time being the first step's time less a step's. methods: names of METHODS (a
     comma list or a list); steps: measured steps per method, after one warm-up step; batch and
     checkpointing (dmap.CHECKPOINTING): one value or several; model: an SD 2.0 folder or single
     file (None: full-size networks with random weights seeded by `seed`); image: the measured
@@ -503,7 +505,7 @@ def benchmark(*, methods: str | Sequence[str] = DEFAULT_METHODS, size: int = 512
                 try:
                     rows.append(measured_row(nets, method, x_ref, op=op, steps=steps, batch=b,
                                              checkpointing=setting, bare=bare,
-                                             call_flop=report["call_flop"]))
+                                             call_flop=report["call_flop"], compiled=False))
                     progress(rows[-1])
                 except torch.cuda.OutOfMemoryError:  # the largest batch that fits: the one before
                     torch.cuda.empty_cache()
@@ -514,25 +516,34 @@ def benchmark(*, methods: str | Sequence[str] = DEFAULT_METHODS, size: int = 512
         report["profile"] = dict(method=methods[0], ops=step_profile(nets, methods[0], op, x_ref))
     if diffusers:
         report["diffusers"] = compare_with_diffusers(nets, nets32, x_ref, op=op, steps=steps)
+    if compile:  # last: the networks are compiled in place
+        dmap.compile_networks(pipeline(nets))
+        for b in batches:
+            for method in methods:
+                rows.append(measured_row(nets, method, x_ref, op=op, steps=steps, batch=b,
+                                         checkpointing="none", bare=bare,
+                                         call_flop=report["call_flop"], compiled=True))
+                rows[-1]["compile_s"] = rows[-1]["first_step_s"] - rows[-1]["s_per_step"]
+                progress(rows[-1])
     report["rows"] = rows
     return report
 
 
 def measured_row(nets: dict, method: str, x_ref, *, op: str, steps: int, batch: int,
-                 checkpointing: str, bare: dict, call_flop: dict) -> dict:
-    """run_steps' row with its network floor (each call kind timed bare once per setting and
-    batch, kept in `bare`), overhead, FLOP, TFLOP/s and throughput."""
+                 checkpointing: str, bare: dict, call_flop: dict, compiled: bool) -> dict:
+    """run_steps' row with its network floor (each call kind timed bare once per setting,
+    compilation and batch, kept in `bare`), overhead, FLOP, TFLOP/s and throughput."""
     row = run_steps(nets, method, op, x_ref, steps, batch)
     parts = floor_calls(row["calls"])
     for kind in parts:
-        if (checkpointing, batch, kind) not in bare:
+        if (checkpointing, compiled, batch, kind) not in bare:
             name, mode = kind.split()
             call = bare_call(nets, name, mode == "grad", batch, x_ref.shape[-1])
-            bare[checkpointing, batch, kind] = median_seconds(call, x_ref.device, steps)
-    floor = sum(n * bare[checkpointing, batch, kind] for kind, n in parts.items())
+            bare[checkpointing, compiled, batch, kind] = median_seconds(call, x_ref.device, steps)
+    floor = sum(n * bare[checkpointing, compiled, batch, kind] for kind, n in parts.items())
     flop = batch * sum(n * call_flop[kind] for kind, n in row["calls"].items())
     per_image = row["s_per_step"] * row["steps_per_image"]  # seconds for the batch's images
-    return dict(row, checkpointing=checkpointing, floor_s=floor,
+    return dict(row, checkpointing=checkpointing, compiled=compiled, floor_s=floor,
                 overhead=row["s_per_step"] / floor - 1, flop=flop,
                 tflops=flop / row["s_per_step"] / 1e12, s_per_image=per_image / batch,
                 images_per_s=batch / per_image)
@@ -585,7 +596,8 @@ def table_markdown(report: dict) -> str:
                          f"{r['error']} |" + " |" * 9)
             continue
         calls = ", ".join(f"{v:g} {k}" for k, v in r["calls"].items())
-        lines.append(f"| {r['method']} | {r['checkpointing']} | {r['batch']} | "
+        method = r["method"] + (" compiled" if r["compiled"] else "")
+        lines.append(f"| {method} | {r['checkpointing']} | {r['batch']} | "
                      f"{r['s_per_step']:.3g} | {r['floor_s']:.3g} | {100 * r['overhead']:+.1f}% | "
                      f"{r['flop'] / 1e12:.3g} | {r['tflops']:.3g} | {r['peak_mb'] or 0:.0f} | "
                      f"{r['s_per_image']:.4g} | {r['images_per_s']:.3g} | {calls} |")
@@ -605,6 +617,15 @@ def table_markdown(report: dict) -> str:
                      f"{ours['s_per_step'] / d['dps']['s_per_step']:.3f}x the time, "
                      f"{(ours['peak_mb'] or 0) / (d['dps']['peak_mb'] or math.inf):.3f}x the "
                      "memory)" if ours else "")]
+    for r in report["rows"]:
+        eager = next((e for e in report["rows"] if not e.get("compiled") and "error" not in e
+                      and (e["method"], e["batch"], e["checkpointing"]) ==
+                      (r["method"], r["batch"], "none")), None)
+        if r.get("compiled") and eager:
+            lines += ["", f"{r['method']} (batch {r['batch']}) compiled: the first step "
+                      f"{r['first_step_s']:.3g} s ({r['compile_s']:.3g} s compiling), then "
+                      f"{r['s_per_step']:.3g} s/step, {r['s_per_step'] / eager['s_per_step']:.3f}x "
+                      "the uncompiled step"]
     if "profile" in report:
         lines += ["", f"Profile of a {report['profile']['method']} step (self time):",
                   ", ".join(f"{o['op']} {100 * o['share']:.1f}% ({o['calls']} calls)"
@@ -652,6 +673,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--profile", action="store_true",
                    help="also profile a step of the first method: the ops that take its time")
+    p.add_argument("--compile", action="store_true", help="then the methods again with the "
+                   "networks compiled (torch.compile; minutes to compile on a CPU): their "
+                   "compile time and step time")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --json")
 
@@ -667,7 +691,7 @@ def command(args: argparse.Namespace) -> str:
                        model=args.model, prediction=args.prediction, dtype=args.dtype,
                        device=args.device, op=args.op, checkpointing=args.checkpointing,
                        image=args.image, seed=args.seed, diffusers=not args.no_diffusers,
-                       profile=args.profile)
+                       profile=args.profile, compile=args.compile)
     print(table_markdown(report))
     if args.json:
         cli.write_json(args.json, report)

@@ -187,8 +187,10 @@ class Conv3x3(nn.Conv2d):
         if x.device.type != "cpu" or self.weight.numel() < weights:
             return super().forward(x)
         cols = F.unfold(x, 3, padding=1, stride=s)  # (B, 9 C_in, H_out W_out), (c, i, j) order
-        out = self.weight.flatten(1) @ cols + self.bias[:, None]  # (B, C_out, H_out W_out)
-        return out.unflatten(-1, size)
+        # bmm, not `@`: matmul would fold a weight that requires a gradient into one transposed
+        # product with copies, 1.5x the time (measured)
+        out = torch.bmm(self.weight.flatten(1).expand(B, -1, -1), cols)  # (B, C_out, H_out W_out)
+        return (out + self.bias[:, None]).unflatten(-1, size)
 
 
 class ResBlock(nn.Module):

@@ -222,6 +222,7 @@ def test_full_disk_writes_nothing(pipeline, tmp_path, capsys, monkeypatch, full)
     (["--out", "/proc/forbidden"], "cannot create files under /proc"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "try --device cpu"),
     (["--device", "banana"], "try --device cpu"),
+    (["--compile", "--checkpointing", "vae"], "--compile and --checkpointing cannot be combined"),
 ])
 def test_cli_bad_input(pipeline, tmp_path, capsys, extra, message):
     from skimage.data import astronaut
@@ -235,6 +236,37 @@ def test_cli_bad_input(pipeline, tmp_path, capsys, extra, message):
     last = capsys.readouterr().err.strip().split("\n")[-1]  # after any progress bar
     assert last.startswith("error: ") and message in last, last
     assert not (tmp_path / "o").exists()  # the output folder is made only to write outputs
+
+
+def test_compile_without_a_compiler(pipeline, tmp_path, capsys, monkeypatch):
+    """--compile on a CPU machine without a C++ compiler: one line that says what to do."""
+    root, _ = pipeline
+    image = astronaut_file(tmp_path)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(dmap.shutil, "which", lambda name: None)
+    assert dmap.main([str(image), "--model", root, "--out", str(tmp_path / "o"), "--size",
+                      "64", "--steps", "2", "--device", "cpu", "--compile"]) == 2
+    assert capsys.readouterr().err.strip().split("\n")[-1] == (
+        "error: --compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX): "
+        "install one, or run without --compile")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dps", "dmap"])
+def test_compiled_restoration_equals_eager(pipeline, tmp_path, method):
+    """restore(compile=True) on the tiny pipeline (UNet and decoder compiled, with and without
+    a gradient) restores the image of the uncompiled run, up to rounding."""
+    root, _ = pipeline
+    image = astronaut_file(tmp_path)
+    kwargs = dict(model=root, method=method, op="sr", size=64, steps=3, device="cpu")
+    eager = dmap.restore(str(image), **kwargs)
+    compiled = dmap.restore(str(image), compile=True, **kwargs)
+    assert compiled["record"]["compile"] and not eager["record"]["compile"]
+    diff = np.abs(compiled["restored"].astype(int) - eager["restored"].astype(int))
+    print(f"{method}: max |diff| {diff.max()} of 255, mean {diff.mean():.4f}")
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    assert abs(compiled["record"]["psnr"] - eager["record"]["psnr"]) < 0.01
 
 
 def test_cli_bad_images(pipeline, tmp_path, capsys):

@@ -104,6 +104,23 @@ def test_benchmark_on_a_tiny_model(pipeline, tmp_path, capsys):
     assert "pass --force" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_compiled_rows(pipeline, tmp_path, capsys):
+    """--compile: after the eager rows, the same method with the networks compiled, the same
+    calls per step, its compile time (the first step less a step) and the line comparing it."""
+    out = tmp_path / "speed.json"
+    assert speed.main(["--model", str(pipeline), "--size", "64", "--methods", "dps", "--steps",
+                       "2", "--no-diffusers", "--compile", "--json", str(out)]) == 0
+    eager, compiled = json.loads(out.read_text())["rows"]
+    assert not eager["compiled"] and compiled["compiled"]
+    assert compiled["calls"] == eager["calls"] == {"denoiser grad": 1, "decoder grad": 1}
+    assert compiled["compile_s"] == pytest.approx(compiled["first_step_s"] -
+                                                  compiled["s_per_step"])
+    assert compiled["compile_s"] > 10 * compiled["s_per_step"]  # the first step compiles
+    table = capsys.readouterr().out
+    assert "| dps compiled | none | 1 |" in table and "x the uncompiled step" in table
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "0"], "--steps and --batch must be >= 1"),
     (["--random-weights", "--model", "x"], "not both"),
