@@ -116,8 +116,11 @@ def our_networks(device: torch.device, dtype: torch.dtype, *, model: str | None 
                     prediction=sd.prediction, channels=sd.unet.cfg.in_channels)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = unet_model.UNet(unet_model.SD2_UNET).to(dtype)
-        vae = vae_model.VAE(vae_model.SD2_VAE).to(dtype, memory_format=torch.channels_last)
+        # frozen, as loaded weights are (checkpoint.load_state) and as diffusers' twins are: a
+        # weight that requires a gradient makes the backward keep and do more (1.1-1.2x)
+        unet = unet_model.UNet(unet_model.SD2_UNET).to(dtype).eval().requires_grad_(False)
+        vae = vae_model.VAE(vae_model.SD2_VAE).to(dtype, memory_format=torch.channels_last) \
+            .eval().requires_grad_(False)
         context = torch.randn(1, 77, unet.cfg.cross_attention_dim).to(dtype)
     return dict(unet=unet, vae=vae, context=context, abar=dmap.sd_abar(), prediction="eps",
                 channels=unet.cfg.in_channels)
