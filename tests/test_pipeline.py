@@ -336,10 +336,11 @@ def test_help_shows_every_default(capsys):
         dmap.parse_args(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     entries = re.split(r"\n  (?=--)", text)[1:]  # one per option, wrapped lines included
-    assert len(entries) == 31
+    assert len(entries) == 32
     for entry in entries:
         flag = entry.split()[0]
-        assert "default" in entry or flag in ("--force", "--observed", "--no-crop"), flag
+        assert "default" in entry or flag in ("--force", "--observed", "--no-crop",
+                                              "--compile"), flag
     text = " ".join(text.split())
     assert "(default: 200)" in text and "(default: 0.2 0.5)" in text  # read from the samplers
 
