@@ -620,11 +620,11 @@ def table_markdown(report: dict) -> str:
                      f"{ours['s_per_step'] / d['dps']['s_per_step']:.3f}x the time, "
                      f"{(ours['peak_mb'] or 0) / (d['dps']['peak_mb'] or math.inf):.3f}x the "
                      "memory)" if ours else "")]
-    for r in report["rows"]:
+    for r in (r for r in report["rows"] if r.get("compiled")):
         eager = next((e for e in report["rows"] if not e.get("compiled") and "error" not in e
                       and (e["method"], e["batch"], e["checkpointing"]) ==
                       (r["method"], r["batch"], "none")), None)
-        if r.get("compiled") and eager:
+        if eager:
             lines += ["", f"{r['method']} (batch {r['batch']}) compiled: the first step "
                       f"{r['first_step_s']:.3g} s ({r['compile_s']:.3g} s compiling), then "
                       f"{r['s_per_step']:.3g} s/step, {r['s_per_step'] / eager['s_per_step']:.3f}x "
